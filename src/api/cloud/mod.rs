@@ -1,0 +1,17 @@
+//! The cloud side: protocol v7 JSON. Here so far: the `desiredStatus` frame and the unit
+//! config, converted into model types with every error named by its JSON path.
+
+pub mod desired;
+pub mod unitconfig;
+
+/// Protocol version carried in every envelope header.
+pub const PROTOCOL_VERSION: u64 = 7;
+/// Capacity limits of upstream (reference 2.10); inputs beyond them are rejected.
+pub const MAX_ID_LEN: usize = 64;
+pub const MAX_VERSION_LEN: usize = 32;
+pub const MAX_LABELS: usize = 4;
+pub const MAX_LABEL_LEN: usize = 64;
+pub const MAX_NODES: usize = 16;
+pub const MAX_ITEMS: usize = 64;
+pub const MAX_INSTANCES: usize = 256;
+pub const MAX_SUBJECTS: usize = 64;

@@ -1,0 +1,6 @@
+//! The edges: every conversion between the outside world (cloud JSON, OCI documents, proto3
+//! JSON of IAM and SM messages) and the model lives here.
+
+pub mod cloud;
+pub mod json;
+pub mod nodes;

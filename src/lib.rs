@@ -1,0 +1,10 @@
+//! aos-cm: the Communication Manager of an AosEdge unit, built as a declarative reconciler.
+//! See ARCHITECTURE.md for the shape of the crate.
+
+pub mod api;
+pub mod config;
+pub mod imagestore;
+pub mod model;
+pub mod reconcilers;
+pub mod render;
+pub mod scenario;

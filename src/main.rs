@@ -1,0 +1,168 @@
+//! The `aos-cm` command line.
+
+use anyhow::Context;
+use aos_cm::api::cloud::{desired, unitconfig};
+use aos_cm::api::json::{self, Problems};
+use aos_cm::config::{self, Config};
+use aos_cm::reconcilers;
+use aos_cm::render;
+use aos_cm::scenario::{self, ScenarioError};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "aos-cm",
+    version,
+    about = "Communication Manager for AosEdge units: a declarative reconciler",
+    long_about = "aos-cm is the Communication Manager of an AosEdge unit: it takes the desired \
+state from AosCloud, compares it with what the nodes report, and plans and carries out the \
+actions that converge the unit. `plan` shows those actions without doing anything."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the actions that would converge a unit, without doing anything (dry run).
+    ///
+    /// SCENARIO is a folder with desired.json (a v7 desiredStatus frame), nodes.json (IAM
+    /// nodeInfo + SM smInfo per node), and optionally unitconfig.json, blobs/ and observed.json.
+    /// Exit status: 0 when planned, 2 when the input is invalid, 1 on other errors.
+    Plan {
+        /// Scenario folder, e.g. examples/desired-states/fresh-install
+        scenario: PathBuf,
+        /// Print the plan as JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a v7 cloud frame, a unit config or an aos_cm.cfg file.
+    ///
+    /// The kind is told from the content unless --kind says it. Exit status: 0 when valid, 2
+    /// with the JSON path of every error when not.
+    Validate {
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        kind: Option<Kind>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Kind {
+    /// A protocol v7 frame: {header, data}
+    Frame,
+    /// A unit config: {formatVersion, version, nodes}
+    Unitconfig,
+    /// The daemon config aos_cm.cfg
+    Config,
+}
+
+const EXIT_INVALID: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan { scenario, json } => plan(&scenario, json),
+        Command::Validate { file, kind } => validate(&file, kind),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("aos-cm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plan(dir: &std::path::Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let sc = match scenario::load(dir) {
+        Ok(sc) => sc,
+        Err(e @ (ScenarioError::Invalid { .. } | ScenarioError::Missing(_))) => {
+            eprintln!("aos-cm: invalid scenario: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let plans = reconcilers::plan_all(&sc.snapshot, sc.now);
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&render::plan_json(&plans))?);
+    } else {
+        print!("{}", render::plan_text(&plans));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn detect(v: &serde_json::Value) -> Option<Kind> {
+    let o = v.as_object()?;
+    let has = |k: &str| o.keys().any(|x| x.eq_ignore_ascii_case(k));
+    if has("header") || has("data") {
+        Some(Kind::Frame)
+    } else if has("formatVersion") || (has("nodes") && has("version")) {
+        Some(Kind::Unitconfig)
+    } else if config::looks_like_config(v) {
+        Some(Kind::Config)
+    } else {
+        None
+    }
+}
+
+fn validate(file: &std::path::Path, kind: Option<Kind>) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let report = |probs: &Problems| {
+        for p in &probs.0 {
+            eprintln!("{}: {p}", file.display());
+        }
+        Ok(ExitCode::from(EXIT_INVALID))
+    };
+    let value = match json::parse(&text) {
+        Ok(v) => v,
+        Err(p) => return report(&p),
+    };
+    let Some(kind) = kind.or_else(|| detect(&value)) else {
+        let mut p = Problems::default();
+        p.push(
+            "$",
+            "not a v7 frame, a unit config or an aos_cm.cfg (use --kind to say which)",
+        );
+        return report(&p);
+    };
+    let name = file.display().to_string();
+    match kind {
+        Kind::Frame => {
+            let mut probs = Problems::default();
+            if let Some((_, data, t)) = desired::envelope(&value, &mut probs)
+                && t == "desiredStatus"
+            {
+                desired::from_data(&data, &mut probs);
+            }
+            if !probs.is_empty() {
+                return report(&probs);
+            }
+        }
+        Kind::Unitconfig => {
+            if let Err(p) = unitconfig::parse(&text) {
+                return report(&p);
+            }
+        }
+        Kind::Config => match Config::from_json_str(&text, &name) {
+            Ok((_, warnings)) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+        },
+    }
+    println!("{name}: valid {}", match kind {
+        Kind::Frame => "v7 frame",
+        Kind::Unitconfig => "unit config",
+        Kind::Config => "aos_cm.cfg",
+    });
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,33 @@
+//! A consistent view of everything the reconcilers read, taken from the store in one read
+//! transaction (or assembled from a scenario folder by `aos-cm plan`).
+
+use super::alloc::Allocations;
+use super::catalogue::Catalogue;
+use super::desired::DesiredState;
+use super::observed::ObservedUnit;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// `None` until the cloud has sent a desired status: nothing is planned before that.
+    pub desired: Option<DesiredState>,
+    pub observed: ObservedUnit,
+    pub allocations: Allocations,
+    pub catalogue: Catalogue,
+    pub settings: PlanSettings,
+}
+
+/// The configuration values planning depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanSettings {
+    /// `imageManager.updateItemTtl`: how long a removed item is kept.
+    pub update_item_ttl_ms: u64,
+}
+
+impl Default for PlanSettings {
+    fn default() -> Self {
+        PlanSettings {
+            update_item_ttl_ms: 30 * 24 * 3600 * 1000,
+        }
+    }
+}

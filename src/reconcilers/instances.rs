@@ -1,0 +1,381 @@
+//! The instances reconciler: expands the desired instance requests, keeps valid placements
+//! where they are, places the rest (see `placement`), and plans the starts, stops and releases
+//! that make the nodes run exactly that.
+//!
+//! Components with `numInstances: 0` belong to the firmware reconciler and are left alone here.
+
+use super::placement::{self, InstanceRequest, NodeBudget};
+use crate::model::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// An instance the desired state asks for, with what placement needs to know about it.
+struct Wanted<'a> {
+    ident: InstanceIdent,
+    item: &'a DesiredItem,
+    req: &'a DesiredInstances,
+    image: &'a ItemImage,
+}
+
+fn node_config(snap: &Snapshot, node: &ObservedNode) -> NodeConfig {
+    match &snap.observed.unit_config.config {
+        Some(uc) => uc.node_config(&node.info.node_id, &node.info.node_type),
+        None => NodeConfig {
+            node_id: Some(node.info.node_id.clone()),
+            node_type: node.info.node_type.clone(),
+            ..NodeConfig::default()
+        },
+    }
+}
+
+fn desired_paused(desired: &DesiredState, node_id: &str) -> bool {
+    desired
+        .nodes
+        .iter()
+        .any(|n| n.node_id == node_id && n.state == DesiredNodeState::Paused)
+}
+
+/// Nodes placement may use, in a fixed order (node ID), with their budgets.
+pub fn node_budgets(snap: &Snapshot, desired: &DesiredState) -> Vec<NodeBudget> {
+    snap.observed
+        .nodes
+        .values()
+        .filter(|n| n.is_schedulable() && !desired_paused(desired, &n.info.node_id))
+        .map(|n| NodeBudget::new(n, node_config(snap, n), n.is_connected()))
+        .collect()
+}
+
+/// The item config of a manifest; services without one run with defaults.
+fn item_config(m: &ManifestInfo) -> ItemConfig {
+    m.item_config.clone().unwrap_or_default()
+}
+
+pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
+    let mut plan = Plan::new(ReconcilerKind::Instances);
+    let Some(desired) = snap.desired.as_ref() else {
+        return plan;
+    };
+    let allocs = &snap.allocations;
+
+    // 1. Expand the requests, highest priority first, then item ID.
+    let mut requests: Vec<&DesiredInstances> = desired.instances.iter().collect();
+    requests.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.item_id.cmp(&b.item_id))
+            .then(a.subject_id.cmp(&b.subject_id))
+    });
+    let mut wanted: Vec<Wanted<'_>> = Vec::new();
+    // Instances we must not touch: desired, but their image is not known yet.
+    let mut untouched: BTreeSet<InstanceIdent> = BTreeSet::new();
+    for req in requests {
+        let Some(item) = desired.item(&req.item_id) else {
+            plan.condition(
+                format!("item {}", req.item_id),
+                "UnknownItem",
+                "instances requested for an item that is not in the desired items",
+            );
+            continue;
+        };
+        match item.item_type {
+            ItemType::Service => {}
+            ItemType::Component if req.num_instances > 0 => {}
+            ItemType::Component => continue, // firmware reconciler
+            other => {
+                plan.condition(
+                    format!("item {}", item.id),
+                    "NotRunnable",
+                    format!("{other} items have no instances"),
+                );
+                continue;
+            }
+        }
+        let idents = (0..req.num_instances).map(|i| InstanceIdent::new(&req.item_id, &req.subject_id, i));
+        if let Some(subject) = desired.subjects.iter().find(|s| s.id == req.subject_id)
+            && subject.is_reported_from_unit
+            && !snap.observed.unit_subjects.contains(&req.subject_id)
+        {
+            for ident in idents {
+                plan.condition(
+                    format!("instance {ident}"),
+                    "SubjectNotOnUnit",
+                    format!(
+                        "subject {} is not a unit subject reported by IAM: instance disabled",
+                        req.subject_id
+                    ),
+                );
+            }
+            continue;
+        }
+        let image = item
+            .index_digest
+            .as_ref()
+            .and_then(|d| snap.catalogue.images.get(d));
+        let Some(image) = image else {
+            for ident in idents {
+                plan.condition(
+                    format!("instance {ident}"),
+                    "WaitingForImage",
+                    format!("item {} {} is not downloaded yet", item.id, item.version),
+                );
+                untouched.insert(ident);
+            }
+            continue;
+        };
+        for ident in idents {
+            wanted.push(Wanted {
+                ident,
+                item,
+                req,
+                image,
+            });
+        }
+    }
+
+    // 2. Budgets; keep valid existing placements first, in priority order.
+    let mut nodes = node_budgets(snap, desired);
+    let node_idx: BTreeMap<String, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.node_id.clone(), i))
+        .collect();
+    let mut placed: BTreeMap<InstanceIdent, InstancePlacement> = BTreeMap::new();
+    let mut resources_of: BTreeMap<InstanceIdent, Vec<String>> = BTreeMap::new();
+    for w in &wanted {
+        let Some(p) = allocs.instances.get(&w.ident) else {
+            continue;
+        };
+        let Some(&i) = node_idx.get(p.node_id.as_str()) else {
+            continue; // its node is gone, lost or paused: re-place
+        };
+        let Some(m) = w.image.manifests.iter().find(|m| m.digest == p.manifest_digest) else {
+            continue;
+        };
+        if p.version != w.item.version {
+            continue;
+        }
+        let cfg = item_config(m);
+        let req = InstanceRequest {
+            ident: w.ident.clone(),
+            item_type: w.item.item_type,
+            labels: &w.req.labels,
+            pinned: Some((p.node_id.clone(), p.runtime_id.clone())),
+        };
+        let mut view = vec![nodes[i].clone()];
+        view[0].accepts_new = true;
+        if placement::choose(&req, m, &cfg, &view).is_ok() {
+            nodes[i].charge(&p.runtime_id, &p.requested, &cfg.resources);
+            resources_of.insert(w.ident.clone(), cfg.resources.clone());
+            placed.insert(w.ident.clone(), p.clone());
+        }
+    }
+
+    // 3. Place the rest.
+    let mut used_uids: BTreeSet<u32> = allocs.instances.values().map(|p| p.uid).collect();
+    let mut gids: BTreeMap<ItemId, u32> = allocs.gids.clone();
+    for w in &wanted {
+        if placed.contains_key(&w.ident) {
+            continue;
+        }
+        let old = allocs.instances.get(&w.ident);
+        let pinned = old.and_then(|p| {
+            let disabled = w.item.item_type == ItemType::Component
+                || w.image
+                    .manifests
+                    .iter()
+                    .any(|m| item_config(m).balancing_policy == BalancingPolicy::Disabled);
+            disabled.then(|| (p.node_id.clone(), p.runtime_id.clone()))
+        });
+        let req = InstanceRequest {
+            ident: w.ident.clone(),
+            item_type: w.item.item_type,
+            labels: &w.req.labels,
+            pinned,
+        };
+        let mut worst: Option<placement::Rejection> = None;
+        let mut chosen = None;
+        for m in &w.image.manifests {
+            let cfg = item_config(m);
+            match placement::choose(&req, m, &cfg, &nodes) {
+                Ok(c) => {
+                    chosen = Some((c, m, cfg));
+                    break;
+                }
+                Err(r) => {
+                    if worst.as_ref().is_none_or(|w| r.stage > w.stage) {
+                        worst = Some(r);
+                    }
+                }
+            }
+        }
+        let Some((choice, manifest, cfg)) = chosen else {
+            let r = worst.unwrap_or(placement::Rejection {
+                stage: 0,
+                reason: "NoManifest",
+                message: "the item image has no manifest".to_string(),
+            });
+            plan.condition(format!("instance {}", w.ident), r.reason, r.message);
+            continue;
+        };
+        let is_component = w.item.item_type == ItemType::Component;
+        let uid = match old {
+            Some(p) => p.uid,
+            None if is_component => 0,
+            None => match (UID_FIRST..UID_END).find(|u| !used_uids.contains(u)) {
+                Some(u) => {
+                    used_uids.insert(u);
+                    u
+                }
+                None => {
+                    plan.condition(
+                        format!("instance {}", w.ident),
+                        "NoUid",
+                        "the UID pool [5000, 10000) is exhausted",
+                    );
+                    continue;
+                }
+            },
+        };
+        let gid = if is_component {
+            0
+        } else if let Some(g) = gids.get(&w.item.id) {
+            *g
+        } else {
+            let used: BTreeSet<u32> = gids.values().copied().collect();
+            match (GID_FIRST..GID_END).find(|g| !used.contains(g)) {
+                Some(g) => {
+                    gids.insert(w.item.id.clone(), g);
+                    g
+                }
+                None => {
+                    plan.condition(
+                        format!("instance {}", w.ident),
+                        "NoGid",
+                        "the GID pool [5000, 10000) is exhausted",
+                    );
+                    continue;
+                }
+            }
+        };
+        let node = &mut nodes[choice.node_idx];
+        node.charge(&choice.runtime.runtime_id, &choice.reservation, &cfg.resources);
+        resources_of.insert(w.ident.clone(), cfg.resources.clone());
+        placed.insert(
+            w.ident.clone(),
+            InstancePlacement {
+                ident: w.ident.clone(),
+                node_id: node.node_id.clone(),
+                runtime_id: choice.runtime.runtime_id.clone(),
+                runtime_type: choice.runtime.runtime_type.clone(),
+                manifest_digest: manifest.digest.clone(),
+                version: w.item.version.clone(),
+                uid,
+                gid,
+                requested: choice.reservation,
+            },
+        );
+    }
+
+    // 4. Stops: reported instances that run where they should not.
+    for (ident, rep) in &snap.observed.instances {
+        if rep.preinstalled || rep.state == InstanceState::Inactive {
+            continue;
+        }
+        if untouched.contains(ident) || is_firmware_instance(desired, ident) {
+            continue;
+        }
+        let keep = placed.get(ident).is_some_and(|p| {
+            p.node_id == rep.node_id && p.runtime_id == rep.runtime_id && p.version == rep.version
+        });
+        let connected = snap
+            .observed
+            .nodes
+            .get(&rep.node_id)
+            .is_some_and(|n| n.is_connected());
+        if !keep && connected {
+            let reason = match placed.get(ident) {
+                None => "no longer desired".to_string(),
+                Some(p) if p.version != rep.version => {
+                    format!("version {} replaced by {}", rep.version, p.version)
+                }
+                Some(p) => format!("moved to {}", p.node_id),
+            };
+            plan.actions.push(Action::StopInstance {
+                ident: ident.clone(),
+                node_id: rep.node_id.clone(),
+                runtime_id: rep.runtime_id.clone(),
+                reason,
+            });
+        }
+    }
+
+    // 5. Starts, in priority order: new or changed placements, and placements the node does
+    //    not report running.
+    for w in &wanted {
+        let Some(p) = placed.get(&w.ident) else {
+            continue;
+        };
+        let reported = snap.observed.instances.get(&w.ident);
+        let running_here = reported.is_some_and(|r| {
+            r.node_id == p.node_id
+                && r.runtime_id == p.runtime_id
+                && r.version == p.version
+                && r.state != InstanceState::Inactive
+        });
+        if let Some(r) = reported.filter(|_| running_here)
+            && r.state == InstanceState::Failed
+        {
+            plan.condition(
+                format!("instance {}", w.ident),
+                "InstanceFailed",
+                r.error.clone().unwrap_or_else(|| "the node reports the instance failed".into()),
+            );
+        }
+        let changed = allocs.instances.get(&w.ident) != Some(p);
+        if changed || !running_here {
+            let manifest = w.image.manifests.iter().find(|m| m.digest == p.manifest_digest);
+            let cfg = manifest.map(item_config).unwrap_or_default();
+            let quotas = cfg.quotas;
+            plan.actions.push(Action::StartInstance(Box::new(InstanceStart {
+                placement: p.clone(),
+                item_type: w.item.item_type,
+                owner_id: w.item.owner_id.clone(),
+                priority: w.req.priority,
+                storage_quota: quotas.storage_limit.unwrap_or(0),
+                state_quota: quotas.state_limit.unwrap_or(0),
+                alert_rules: cfg.alert_rules.clone(),
+            })));
+        }
+    }
+
+    // 6. Releases: placements of instances that are no longer desired and no longer run.
+    for ident in allocs.instances.keys() {
+        if placed.contains_key(ident) || untouched.contains(ident) {
+            continue;
+        }
+        if is_firmware_instance(desired, ident) {
+            continue;
+        }
+        let still_desired = wanted.iter().any(|w| w.ident == *ident);
+        let running = snap
+            .observed
+            .instances
+            .get(ident)
+            .is_some_and(|r| r.state != InstanceState::Inactive);
+        if !still_desired && !running {
+            plan.actions.push(Action::ReleaseInstance {
+                ident: ident.clone(),
+            });
+        }
+    }
+    plan
+}
+
+/// Instances of components with `numInstances: 0` are generated and handled by the firmware
+/// reconciler.
+pub fn is_firmware_instance(desired: &DesiredState, ident: &InstanceIdent) -> bool {
+    desired.item(&ident.item_id).is_some_and(|i| i.item_type == ItemType::Component)
+        && desired
+            .instances
+            .iter()
+            .any(|r| r.item_id == ident.item_id && r.subject_id == ident.subject_id && r.num_instances == 0)
+}

@@ -1,0 +1,309 @@
+//! The network reconciler: one /16 subnet and VLAN per network (the owner of the items in it),
+//! one host address per (network, node), one address per service instance with its DNS names,
+//! and firewall rules from allowed connections. Allocations are stable: what exists is never
+//! moved; new ones take the lowest free value.
+
+use crate::model::*;
+use core::net::Ipv4Addr;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The pool: /16 subnets from 172.17.0.0 to 172.31.255.255.
+pub const POOL_FIRST: [u8; 2] = [172, 17];
+pub const POOL_LAST: [u8; 2] = [172, 31];
+pub const VLAN_MIN: u16 = 1;
+pub const VLAN_MAX: u16 = 4094;
+
+/// Candidate subnets in pool order.
+pub fn pool() -> Vec<Ipv4Net> {
+    (POOL_FIRST[1]..=POOL_LAST[1])
+        .map(|b| Ipv4Net::new(Ipv4Addr::new(POOL_FIRST[0], b, 0, 0), 16))
+        .collect()
+}
+
+/// The first free subnet that neither another network nor a host route uses. A default route
+/// (prefix 0) collides with nothing.
+pub fn free_subnet(used: &BTreeSet<Ipv4Net>, routes: &[Ipv4Net]) -> Option<Ipv4Net> {
+    pool().into_iter().find(|s| {
+        !used.iter().any(|u| u.overlaps(s))
+            && !routes.iter().filter(|r| r.prefix > 0).any(|r| r.overlaps(s))
+    })
+}
+
+pub fn free_vlan(used: &BTreeSet<u16>) -> Option<u16> {
+    (VLAN_MIN..=VLAN_MAX).find(|v| !used.contains(v))
+}
+
+/// The lowest free address of a subnet; `.0.1` is never handed out (upstream starts at +2) and
+/// the broadcast address is excluded.
+pub fn free_ip(subnet: &Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let first = subnet.first().checked_add(2)?;
+    let last = subnet.last().checked_sub(1)?;
+    (first..=last)
+        .map(Ipv4Addr::from)
+        .find(|ip| !used.contains(ip))
+}
+
+/// DNS names of an instance: `<index>.<subject>.<item>` with and without the network suffix,
+/// the index-0 short forms, and the item config hostname.
+pub fn dns_names(ident: &InstanceIdent, network_id: &str, hostname: Option<&str>) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(h) = hostname.filter(|h| !h.is_empty()) {
+        names.push(h.to_string());
+    }
+    let base = format!("{}.{}.{}", ident.instance, ident.subject_id, ident.item_id);
+    names.push(format!("{base}.{network_id}"));
+    names.push(base);
+    if ident.instance == 0 {
+        let short = format!("{}.{}", ident.subject_id, ident.item_id);
+        names.push(format!("{short}.{network_id}"));
+        names.push(short);
+    }
+    names
+}
+
+/// `itemID/port[/proto]` → (item, port, proto); tcp by default.
+pub fn parse_connection(s: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = s.split('/');
+    let item = parts.next().filter(|p| !p.is_empty())?;
+    let port = parts.next().filter(|p| !p.is_empty())?;
+    let proto = parts.next().unwrap_or("tcp");
+    parts.next().is_none().then_some((item, port, proto))
+}
+
+/// Does an exposed-port entry (`port[/proto]`) serve `port/proto`?
+pub fn exposes(exposed: &str, port: &str, proto: &str) -> bool {
+    let (p, pr) = exposed.split_once('/').unwrap_or((exposed, "tcp"));
+    p == port && pr.eq_ignore_ascii_case(proto)
+}
+
+fn manifest_of<'a>(snap: &'a Snapshot, p: &InstancePlacement) -> Option<&'a ManifestInfo> {
+    let desired = snap.desired.as_ref()?;
+    let item = desired.item(&p.ident.item_id)?;
+    let image = snap.catalogue.images.get(item.index_digest.as_ref()?)?;
+    image.manifests.iter().find(|m| m.digest == p.manifest_digest)
+}
+
+pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
+    let mut plan = Plan::new(ReconcilerKind::Network);
+    let Some(desired) = snap.desired.as_ref() else {
+        return plan;
+    };
+    let allocs = &snap.allocations;
+
+    // Which service instances need an address, in which network, on which node.
+    let mut members: BTreeMap<&InstanceIdent, (&str, &InstancePlacement)> = BTreeMap::new();
+    for (ident, p) in &allocs.instances {
+        let Some(item) = desired.item(&ident.item_id) else {
+            continue;
+        };
+        if item.item_type != ItemType::Service {
+            continue;
+        }
+        members.insert(ident, (item.owner_id.as_str(), p));
+    }
+    let needed_hosts: BTreeSet<(&str, &str)> = members
+        .values()
+        .map(|(net, p)| (*net, p.node_id.as_str()))
+        .collect();
+    let needed_nets: BTreeSet<&str> = needed_hosts.iter().map(|(n, _)| *n).collect();
+
+    // Working copy of the allocations, updated as the plan proposes new ones.
+    let mut nets = allocs.networks.clone();
+    let mut ips = allocs.instance_ips.clone();
+
+    // Releases first, so that what they free is not handed out again in the same plan.
+    for (ident, addr) in &allocs.instance_ips {
+        let keep = members.get(ident).is_some_and(|(net, _)| *net == addr.network_id);
+        if !keep {
+            plan.actions.push(Action::ReleaseInstanceIp {
+                ident: ident.clone(),
+            });
+            ips.remove(ident);
+        }
+    }
+    for (net_id, net) in &allocs.networks {
+        if !needed_nets.contains(net_id.as_str()) {
+            plan.actions.push(Action::ReleaseNetwork {
+                network_id: net_id.clone(),
+            });
+            nets.remove(net_id);
+            continue;
+        }
+        for node in net.hosts.keys() {
+            if !needed_hosts.contains(&(net_id.as_str(), node.as_str())) {
+                plan.actions.push(Action::DetachHost {
+                    network_id: net_id.clone(),
+                    node_id: node.clone(),
+                });
+                if let Some(n) = nets.get_mut(net_id) {
+                    n.hosts.remove(node);
+                }
+            }
+        }
+    }
+
+    // Networks.
+    for net_id in &needed_nets {
+        if nets.contains_key(*net_id) {
+            continue;
+        }
+        let used_subnets: BTreeSet<Ipv4Net> = nets.values().map(|n| n.subnet).collect();
+        let used_vlans: BTreeSet<u16> = nets.values().map(|n| n.vlan_id).collect();
+        let (Some(subnet), Some(vlan_id)) = (
+            free_subnet(&used_subnets, &snap.observed.host_routes),
+            free_vlan(&used_vlans),
+        ) else {
+            plan.condition(
+                format!("network {net_id}"),
+                "NoSubnet",
+                "no free /16 subnet in 172.17.0.0-172.31.255.255 that avoids the host routes",
+            );
+            continue;
+        };
+        plan.actions.push(Action::AllocateNetwork {
+            network_id: (*net_id).to_string(),
+            subnet,
+            vlan_id,
+        });
+        nets.insert(
+            (*net_id).to_string(),
+            NetworkAllocation {
+                subnet,
+                vlan_id,
+                hosts: BTreeMap::new(),
+            },
+        );
+    }
+
+    let used_in = |nets: &BTreeMap<NetworkId, NetworkAllocation>,
+                   ips: &BTreeMap<InstanceIdent, InstanceAddress>,
+                   net_id: &str|
+     -> BTreeSet<Ipv4Addr> {
+        let mut used: BTreeSet<Ipv4Addr> = ips
+            .values()
+            .filter(|a| a.network_id == net_id)
+            .map(|a| a.ip)
+            .collect();
+        if let Some(n) = nets.get(net_id) {
+            used.extend(n.hosts.values().copied());
+        }
+        used
+    };
+
+    // Host addresses.
+    for (net_id, node_id) in &needed_hosts {
+        let Some(net) = nets.get(*net_id) else {
+            continue;
+        };
+        if net.hosts.contains_key(*node_id) {
+            continue;
+        }
+        let subnet = net.subnet;
+        let Some(ip) = free_ip(&subnet, &used_in(&nets, &ips, net_id)) else {
+            plan.condition(format!("network {net_id}"), "NoAddress", "the subnet is full");
+            continue;
+        };
+        plan.actions.push(Action::AttachHost {
+            network_id: (*net_id).to_string(),
+            node_id: (*node_id).to_string(),
+            ip,
+        });
+        if let Some(n) = nets.get_mut(*net_id) {
+            n.hosts.insert((*node_id).to_string(), ip);
+        }
+    }
+
+    // Instance addresses; an instance that moved to another node keeps its address.
+    for (ident, (net_id, p)) in &members {
+        let Some(net) = nets.get(*net_id) else {
+            continue;
+        };
+        let hostname = manifest_of(snap, p)
+            .and_then(|m| m.item_config.as_ref())
+            .and_then(|c| c.hostname.clone());
+        let current = ips.get(*ident).cloned();
+        let ip = match &current {
+            Some(a) if a.node_id == p.node_id => continue,
+            Some(a) => a.ip,
+            None => match free_ip(&net.subnet, &used_in(&nets, &ips, net_id)) {
+                Some(ip) => ip,
+                None => {
+                    plan.condition(format!("instance {ident}"), "NoAddress", "the subnet is full");
+                    continue;
+                }
+            },
+        };
+        plan.actions.push(Action::AssignInstanceIp {
+            ident: (*ident).clone(),
+            network_id: (*net_id).to_string(),
+            node_id: p.node_id.clone(),
+            ip,
+            dns_names: dns_names(ident, net_id, hostname.as_deref()),
+        });
+        ips.insert(
+            (*ident).clone(),
+            InstanceAddress {
+                network_id: (*net_id).to_string(),
+                node_id: p.node_id.clone(),
+                ip,
+            },
+        );
+    }
+
+    // Firewall rules from allowed connections to instances that expose the port.
+    for (ident, (net_id, p)) in &members {
+        let Some(src) = ips.get(*ident) else {
+            continue;
+        };
+        let Some(cfg) = manifest_of(snap, p).and_then(|m| m.item_config.as_ref()) else {
+            continue;
+        };
+        let mut rules: Vec<FirewallRule> = Vec::new();
+        for conn in &cfg.allowed_connections {
+            let Some((target, port, proto)) = parse_connection(conn) else {
+                plan.condition(
+                    format!("instance {ident}"),
+                    "BadConnection",
+                    format!("allowed connection {conn:?} is not itemID/port[/proto]"),
+                );
+                continue;
+            };
+            let dst = members.iter().find(|(t, (_, tp))| {
+                t.item_id == target
+                    && manifest_of(snap, tp).is_some_and(|m| {
+                        m.image.exposed_ports.iter().any(|e| exposes(e, port, proto))
+                    })
+            });
+            match dst {
+                Some((t, (t_net, _))) => {
+                    if t_net == net_id {
+                        continue; // same subnet: no rule needed
+                    }
+                    if let Some(dst_addr) = ips.get(*t) {
+                        rules.push(FirewallRule {
+                            src_ip: src.ip,
+                            dst_ip: dst_addr.ip,
+                            dst_port: port.to_string(),
+                            proto: proto.to_ascii_lowercase(),
+                        });
+                    }
+                }
+                None => plan.condition(
+                    format!("instance {ident}"),
+                    "PendingConnection",
+                    format!("connection {conn} waits for an instance of {target} exposing {port}/{proto}"),
+                ),
+            }
+        }
+        rules.sort();
+        rules.dedup();
+        let current = allocs.firewall.get(*ident).cloned().unwrap_or_default();
+        if current != rules {
+            plan.actions.push(Action::SetFirewallRules {
+                ident: (*ident).clone(),
+                rules,
+            });
+        }
+    }
+    plan
+}

@@ -1,0 +1,182 @@
+//! Projection: the snapshot as it would be once an action has been carried out. The dry run
+//! chains the reconcilers through it (so that the network plan sees the placements the
+//! instances plan proposes), and tests use it to check that a plan converges.
+
+use crate::model::*;
+
+/// Applies the effect an action has on the stored state (allocations, catalogue, unit config
+/// status, node states). What only a node can report (instances running) is not invented.
+pub fn apply(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
+    let a = &mut snap.allocations;
+    let o = &mut snap.observed;
+    match action {
+        Action::DownloadBlob { digest, .. } => {
+            o.blobs.insert(digest.clone());
+        }
+        Action::DeleteBlob { digest } => {
+            o.blobs.remove(digest);
+        }
+        Action::InstallItem {
+            item_id,
+            item_type,
+            version,
+            index_digest,
+        } => {
+            o.items.insert(
+                (item_id.clone(), version.clone()),
+                StoredItem {
+                    id: item_id.clone(),
+                    item_type: *item_type,
+                    version: version.clone(),
+                    index_digest: index_digest.clone(),
+                    state: ItemState::Installed,
+                    removed_at: None,
+                },
+            );
+        }
+        Action::RemoveItem { item_id, version } => {
+            if let Some(i) = o.items.get_mut(&(item_id.clone(), version.clone())) {
+                i.state = ItemState::Removed;
+                i.removed_at = Some(now);
+            }
+        }
+        Action::DeleteItem { item_id, version } => {
+            o.items.remove(&(item_id.clone(), version.clone()));
+        }
+        Action::StartInstance(s) => {
+            let p = &s.placement;
+            if p.gid != 0 {
+                a.gids.entry(p.ident.item_id.clone()).or_insert(p.gid);
+            }
+            a.instances.insert(p.ident.clone(), p.clone());
+        }
+        Action::StopInstance { .. } => {}
+        Action::ReleaseInstance { ident } => {
+            a.instances.remove(ident);
+            if !a.instances.keys().any(|k| k.item_id == ident.item_id) {
+                a.gids.remove(&ident.item_id);
+            }
+        }
+        Action::AllocateNetwork {
+            network_id,
+            subnet,
+            vlan_id,
+        } => {
+            a.networks
+                .entry(network_id.clone())
+                .or_insert_with(|| NetworkAllocation {
+                    subnet: *subnet,
+                    vlan_id: *vlan_id,
+                    hosts: Default::default(),
+                });
+        }
+        Action::AttachHost {
+            network_id,
+            node_id,
+            ip,
+        } => {
+            if let Some(n) = a.networks.get_mut(network_id) {
+                n.hosts.insert(node_id.clone(), *ip);
+            }
+        }
+        Action::AssignInstanceIp {
+            ident,
+            network_id,
+            node_id,
+            ip,
+            ..
+        } => {
+            a.instance_ips.insert(
+                ident.clone(),
+                InstanceAddress {
+                    network_id: network_id.clone(),
+                    node_id: node_id.clone(),
+                    ip: *ip,
+                },
+            );
+        }
+        Action::SetFirewallRules { ident, rules } => {
+            if rules.is_empty() {
+                a.firewall.remove(ident);
+            } else {
+                a.firewall.insert(ident.clone(), rules.clone());
+            }
+        }
+        Action::ReleaseInstanceIp { ident } => {
+            a.instance_ips.remove(ident);
+            a.firewall.remove(ident);
+        }
+        Action::DetachHost {
+            network_id,
+            node_id,
+        } => {
+            if let Some(n) = a.networks.get_mut(network_id) {
+                n.hosts.remove(node_id);
+            }
+        }
+        Action::ReleaseNetwork { network_id } => {
+            a.networks.remove(network_id);
+            a.instance_ips.retain(|_, v| v.network_id != *network_id);
+        }
+        Action::InstallUnitConfig { .. } => {
+            if let Some(uc) = snap.desired.as_ref().and_then(|d| d.unit_config.clone()) {
+                o.unit_config = UnitConfigStatus {
+                    state: UnitConfigState::Installed,
+                    version: Some(uc.version.clone()),
+                    error: None,
+                    config: Some(uc),
+                };
+            }
+        }
+        Action::PushNodeConfig { node_id, version } => {
+            if let Some(n) = o.nodes.get_mut(node_id) {
+                n.node_config = Some(NodeConfigStatus {
+                    version: version.clone(),
+                    error: None,
+                });
+            }
+        }
+        Action::SetNodeState { node_id, state } => {
+            if let Some(n) = o.nodes.get_mut(node_id) {
+                n.info.state = match state {
+                    DesiredNodeState::Paused => NodeState::Paused,
+                    DesiredNodeState::Provisioned => NodeState::Provisioned,
+                };
+            }
+        }
+    }
+}
+
+/// Applies an action as a well-behaved unit would: like `apply`, and a started instance is
+/// reported active, a stopped one disappears. Used to check that plans converge.
+pub fn apply_as_unit(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
+    apply(snap, action, now);
+    match action {
+        Action::StartInstance(s) => {
+            let p = &s.placement;
+            snap.observed.instances.insert(
+                p.ident.clone(),
+                ReportedInstance {
+                    ident: p.ident.clone(),
+                    node_id: p.node_id.clone(),
+                    runtime_id: p.runtime_id.clone(),
+                    version: p.version.clone(),
+                    state: InstanceState::Active,
+                    error: None,
+                    preinstalled: false,
+                },
+            );
+        }
+        Action::StopInstance { ident, node_id, .. } => {
+            if snap
+                .observed
+                .instances
+                .get(ident)
+                .is_some_and(|r| r.node_id == *node_id)
+            {
+                snap.observed.instances.remove(ident);
+            }
+        }
+        _ => {}
+    }
+}
