@@ -60,3 +60,6 @@ pub fn plan_all(snap: &Snapshot, now: UnixMillis) -> Vec<Plan> {
     }
     plans
 }
+
+#[cfg(test)]
+mod rule_tests;
