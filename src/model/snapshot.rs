@@ -22,12 +22,27 @@ pub struct Snapshot {
 pub struct PlanSettings {
     /// `imageManager.updateItemTtl`: how long a removed item is kept.
     pub update_item_ttl_ms: u64,
+    /// The UID pool `[uid_first, uid_end)` for instances (upstream: 5000..10000).
+    #[serde(default = "default_uid_first")]
+    pub uid_first: u32,
+    #[serde(default = "default_uid_end")]
+    pub uid_end: u32,
+}
+
+fn default_uid_first() -> u32 {
+    super::alloc::UID_FIRST
+}
+
+fn default_uid_end() -> u32 {
+    super::alloc::UID_END
 }
 
 impl Default for PlanSettings {
     fn default() -> Self {
         PlanSettings {
             update_item_ttl_ms: 30 * 24 * 3600 * 1000,
+            uid_first: super::alloc::UID_FIRST,
+            uid_end: super::alloc::UID_END,
         }
     }
 }

@@ -85,13 +85,15 @@ fn plan_one(
 ) {
     let object = format!("instance {ident}");
     if !node.is_connected() || node.info.state != NodeState::Provisioned {
+        let why = if node.is_connected() {
+            format!("is {}", node.info.state)
+        } else {
+            "is not connected".to_string()
+        };
         plan.condition(
             object,
-            "NodeOffline",
-            format!(
-                "pinned to {}/{}, which is not connected",
-                node.info.node_id, rt.runtime_type
-            ),
+            "NodeUnavailable",
+            format!("pinned to {}/{}, whose node {why}", node.info.node_id, rt.runtime_type),
         );
         return;
     }

@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 /// An instance the desired state asks for, with what placement needs to know about it.
 struct Wanted<'a> {
     ident: InstanceIdent,
+    /// Position of its request in priority order.
+    req_idx: usize,
     item: &'a DesiredItem,
     req: &'a DesiredInstances,
     image: &'a ItemImage,
@@ -67,7 +69,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
     let mut wanted: Vec<Wanted<'_>> = Vec::new();
     // Instances we must not touch: desired, but their image is not known yet.
     let mut untouched: BTreeSet<InstanceIdent> = BTreeSet::new();
-    for req in requests {
+    for (req_idx, req) in requests.into_iter().enumerate() {
         let Some(item) = desired.item(&req.item_id) else {
             plan.condition(
                 format!("item {}", req.item_id),
@@ -124,6 +126,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         for ident in idents {
             wanted.push(Wanted {
                 ident,
+                req_idx,
                 item,
                 req,
                 image,
@@ -139,7 +142,6 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         .map(|(i, n)| (n.node_id.clone(), i))
         .collect();
     let mut placed: BTreeMap<InstanceIdent, InstancePlacement> = BTreeMap::new();
-    let mut resources_of: BTreeMap<InstanceIdent, Vec<String>> = BTreeMap::new();
     for w in &wanted {
         let Some(p) = allocs.instances.get(&w.ident) else {
             continue;
@@ -160,17 +162,23 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             labels: &w.req.labels,
             pinned: Some((p.node_id.clone(), p.runtime_id.clone())),
         };
-        let mut view = vec![nodes[i].clone()];
-        view[0].accepts_new = true;
-        if placement::choose(&req, m, &cfg, &view).is_ok() {
+        // Still valid where it is? The same chain, over its own node only.
+        let here = std::slice::from_ref(&nodes[i]);
+        let fits = placement::static_candidates(&req, m, &cfg, here)
+            .and_then(|c| placement::choose_from(w.item.item_type, &cfg, here, &c))
+            .is_ok();
+        if fits {
             nodes[i].charge(&p.runtime_id, &p.requested, &cfg.resources);
-            resources_of.insert(w.ident.clone(), cfg.resources.clone());
             placed.insert(w.ident.clone(), p.clone());
         }
     }
 
     // 3. Place the rest.
+    type Statics = (ItemConfig, Result<Vec<(usize, usize)>, placement::Rejection>);
+    let mut statics: BTreeMap<(usize, usize), Statics> = BTreeMap::new();
     let mut used_uids: BTreeSet<u32> = allocs.instances.values().map(|p| p.uid).collect();
+    let (uid_first, uid_end) = (snap.settings.uid_first, snap.settings.uid_end);
+    let mut uid_cursor = uid_first;
     let mut gids: BTreeMap<ItemId, u32> = allocs.gids.clone();
     for w in &wanted {
         if placed.contains_key(&w.ident) {
@@ -193,10 +201,26 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         };
         let mut worst: Option<placement::Rejection> = None;
         let mut chosen = None;
-        for m in &w.image.manifests {
-            let cfg = item_config(m);
-            match placement::choose(&req, m, &cfg, &nodes) {
-                Ok(c) => {
+        for (mi, m) in w.image.manifests.iter().enumerate() {
+            // Static filters and the item config are the same for every instance of a
+            // request: computed once per (request, manifest) unless the instance is pinned.
+            let attempt = if req.pinned.is_some() {
+                let cfg = item_config(m);
+                placement::choose(&req, m, &cfg, &nodes).map(|c| (c, cfg))
+            } else {
+                let (cfg, statics) = statics.entry((w.req_idx, mi)).or_insert_with(|| {
+                    let cfg = item_config(m);
+                    let st = placement::static_candidates(&req, m, &cfg, &nodes);
+                    (cfg, st)
+                });
+                match statics {
+                    Ok(c) => placement::choose_from(w.item.item_type, cfg, &nodes, c)
+                        .map(|ch| (ch, cfg.clone())),
+                    Err(r) => Err(r.clone()),
+                }
+            };
+            match attempt {
+                Ok((c, cfg)) => {
                     chosen = Some((c, m, cfg));
                     break;
                 }
@@ -220,20 +244,22 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         let uid = match old {
             Some(p) => p.uid,
             None if is_component => 0,
-            None => match (UID_FIRST..UID_END).find(|u| !used_uids.contains(u)) {
-                Some(u) => {
-                    used_uids.insert(u);
-                    u
+            None => {
+                // The lowest free UID only grows within a plan, so a cursor finds it.
+                while uid_cursor < uid_end && used_uids.contains(&uid_cursor) {
+                    uid_cursor += 1;
                 }
-                None => {
+                if uid_cursor >= uid_end {
                     plan.condition(
                         format!("instance {}", w.ident),
                         "NoUid",
-                        "the UID pool [5000, 10000) is exhausted",
+                        format!("the UID pool [{uid_first}, {uid_end}) is exhausted"),
                     );
                     continue;
                 }
-            },
+                used_uids.insert(uid_cursor);
+                uid_cursor
+            }
         };
         let gid = if is_component {
             0
@@ -258,7 +284,6 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         };
         let node = &mut nodes[choice.node_idx];
         node.charge(&choice.runtime.runtime_id, &choice.reservation, &cfg.resources);
-        resources_of.insert(w.ident.clone(), cfg.resources.clone());
         placed.insert(
             w.ident.clone(),
             InstancePlacement {
@@ -275,12 +300,15 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         );
     }
 
+    let wanted_idents: BTreeSet<&InstanceIdent> = wanted.iter().map(|w| &w.ident).collect();
+    let firmware = firmware_requests(desired);
+
     // 4. Stops: reported instances that run where they should not.
     for (ident, rep) in &snap.observed.instances {
         if rep.preinstalled || rep.state == InstanceState::Inactive {
             continue;
         }
-        if untouched.contains(ident) || is_firmware_instance(desired, ident) {
+        if untouched.contains(ident) || firmware.contains(&(&ident.item_id, &ident.subject_id)) {
             continue;
         }
         let keep = placed.get(ident).is_some_and(|p| {
@@ -293,6 +321,9 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             .is_some_and(|n| n.is_connected());
         if !keep && connected {
             let reason = match placed.get(ident) {
+                None if wanted_idents.contains(ident) => {
+                    "desired, but cannot be placed (see its condition)".to_string()
+                }
                 None => "no longer desired".to_string(),
                 Some(p) if p.version != rep.version => {
                     format!("version {} replaced by {}", rep.version, p.version)
@@ -352,10 +383,10 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         if placed.contains_key(ident) || untouched.contains(ident) {
             continue;
         }
-        if is_firmware_instance(desired, ident) {
+        if firmware.contains(&(&ident.item_id, &ident.subject_id)) {
             continue;
         }
-        let still_desired = wanted.iter().any(|w| w.ident == *ident);
+        let still_desired = wanted_idents.contains(ident);
         let running = snap
             .observed
             .instances
@@ -370,12 +401,18 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
     plan
 }
 
-/// Instances of components with `numInstances: 0` are generated and handled by the firmware
-/// reconciler.
-pub fn is_firmware_instance(desired: &DesiredState, ident: &InstanceIdent) -> bool {
-    desired.item(&ident.item_id).is_some_and(|i| i.item_type == ItemType::Component)
-        && desired
-            .instances
-            .iter()
-            .any(|r| r.item_id == ident.item_id && r.subject_id == ident.subject_id && r.num_instances == 0)
+/// (item, subject) pairs whose instances the firmware reconciler generates and handles:
+/// components requested with `numInstances: 0`.
+pub fn firmware_requests(desired: &DesiredState) -> BTreeSet<(&String, &String)> {
+    desired
+        .instances
+        .iter()
+        .filter(|r| {
+            r.num_instances == 0
+                && desired
+                    .item(&r.item_id)
+                    .is_some_and(|i| i.item_type == ItemType::Component)
+        })
+        .map(|r| (&r.item_id, &r.subject_id))
+        .collect()
 }

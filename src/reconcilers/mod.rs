@@ -42,6 +42,7 @@ pub const DRY_RUN_ROUNDS: usize = 2;
 pub fn plan_all(snap: &Snapshot, now: UnixMillis) -> Vec<Plan> {
     let mut projected = snap.clone();
     let mut plans: Vec<Plan> = ReconcilerKind::ALL.iter().map(|k| Plan::new(*k)).collect();
+    let mut seen: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for _ in 0..DRY_RUN_ROUNDS {
         for kind in CHAIN {
             let p = plan_one(kind, &projected, now);
@@ -50,7 +51,7 @@ pub fn plan_all(snap: &Snapshot, now: UnixMillis) -> Vec<Plan> {
             }
             if let Some(slot) = plans.iter_mut().find(|x| x.reconciler == kind) {
                 for a in p.actions {
-                    if !slot.actions.contains(&a) {
+                    if seen.insert(format!("{a:?}")) {
                         slot.actions.push(a);
                     }
                 }

@@ -76,9 +76,12 @@ pub fn exposes(exposed: &str, port: &str, proto: &str) -> bool {
     p == port && pr.eq_ignore_ascii_case(proto)
 }
 
-fn manifest_of<'a>(snap: &'a Snapshot, p: &InstancePlacement) -> Option<&'a ManifestInfo> {
-    let desired = snap.desired.as_ref()?;
-    let item = desired.item(&p.ident.item_id)?;
+fn manifest_of<'a>(
+    snap: &'a Snapshot,
+    items: &BTreeMap<&str, &'a DesiredItem>,
+    p: &InstancePlacement,
+) -> Option<&'a ManifestInfo> {
+    let item = items.get(p.ident.item_id.as_str())?;
     let image = snap.catalogue.images.get(item.index_digest.as_ref()?)?;
     image.manifests.iter().find(|m| m.digest == p.manifest_digest)
 }
@@ -89,17 +92,25 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         return plan;
     };
     let allocs = &snap.allocations;
+    let items: BTreeMap<&str, &DesiredItem> =
+        desired.items.iter().map(|i| (i.id.as_str(), i)).collect();
 
     // Which service instances need an address, in which network, on which node.
     let mut members: BTreeMap<&InstanceIdent, (&str, &InstancePlacement)> = BTreeMap::new();
     for (ident, p) in &allocs.instances {
-        let Some(item) = desired.item(&ident.item_id) else {
-            continue;
-        };
-        if item.item_type != ItemType::Service {
-            continue;
+        match items.get(ident.item_id.as_str()) {
+            Some(item) if item.item_type == ItemType::Service => {
+                members.insert(ident, (item.owner_id.as_str(), p));
+            }
+            Some(_) => {}
+            // No longer desired but still placed (being stopped): keep its address until the
+            // placement is released, so that nothing else gets it while it may still run.
+            None => {
+                if let Some(addr) = allocs.instance_ips.get(ident) {
+                    members.insert(ident, (addr.network_id.as_str(), p));
+                }
+            }
         }
-        members.insert(ident, (item.owner_id.as_str(), p));
     }
     let needed_hosts: BTreeSet<(&str, &str)> = members
         .values()
@@ -110,8 +121,35 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
     // Working copy of the allocations, updated as the plan proposes new ones.
     let mut nets = allocs.networks.clone();
     let mut ips = allocs.instance_ips.clone();
+    // Addresses taken per network, including those released by this plan: an address is
+    // handed out again only by a later plan, once its release is committed.
+    let mut used: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    for a in allocs.instance_ips.values() {
+        used.entry(a.network_id.clone()).or_default().insert(a.ip);
+    }
+    for (id, n) in &allocs.networks {
+        used.entry(id.clone()).or_default().extend(n.hosts.values().copied());
+    }
+    // The lowest free address only grows within a plan: one cursor per network.
+    let mut cursors: BTreeMap<String, u32> = BTreeMap::new();
+    let mut next_ip = |net_id: &str, subnet: &Ipv4Net| -> Option<Ipv4Addr> {
+        let taken = used.entry(net_id.to_string()).or_default();
+        let cursor = cursors
+            .entry(net_id.to_string())
+            .or_insert_with(|| subnet.first().saturating_add(2));
+        let last = subnet.last().checked_sub(1)?;
+        while *cursor <= last && taken.contains(&Ipv4Addr::from(*cursor)) {
+            *cursor += 1;
+        }
+        if *cursor > last {
+            return None;
+        }
+        let ip = Ipv4Addr::from(*cursor);
+        taken.insert(ip);
+        Some(ip)
+    };
 
-    // Releases first, so that what they free is not handed out again in the same plan.
+    // Releases.
     for (ident, addr) in &allocs.instance_ips {
         let keep = members.get(ident).is_some_and(|(net, _)| *net == addr.network_id);
         if !keep {
@@ -175,21 +213,6 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         );
     }
 
-    let used_in = |nets: &BTreeMap<NetworkId, NetworkAllocation>,
-                   ips: &BTreeMap<InstanceIdent, InstanceAddress>,
-                   net_id: &str|
-     -> BTreeSet<Ipv4Addr> {
-        let mut used: BTreeSet<Ipv4Addr> = ips
-            .values()
-            .filter(|a| a.network_id == net_id)
-            .map(|a| a.ip)
-            .collect();
-        if let Some(n) = nets.get(net_id) {
-            used.extend(n.hosts.values().copied());
-        }
-        used
-    };
-
     // Host addresses.
     for (net_id, node_id) in &needed_hosts {
         let Some(net) = nets.get(*net_id) else {
@@ -199,7 +222,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             continue;
         }
         let subnet = net.subnet;
-        let Some(ip) = free_ip(&subnet, &used_in(&nets, &ips, net_id)) else {
+        let Some(ip) = next_ip(net_id, &subnet) else {
             plan.condition(format!("network {net_id}"), "NoAddress", "the subnet is full");
             continue;
         };
@@ -218,14 +241,14 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         let Some(net) = nets.get(*net_id) else {
             continue;
         };
-        let hostname = manifest_of(snap, p)
+        let hostname = manifest_of(snap, &items, p)
             .and_then(|m| m.item_config.as_ref())
             .and_then(|c| c.hostname.clone());
         let current = ips.get(*ident).cloned();
         let ip = match &current {
             Some(a) if a.node_id == p.node_id => continue,
             Some(a) => a.ip,
-            None => match free_ip(&net.subnet, &used_in(&nets, &ips, net_id)) {
+            None => match next_ip(net_id, &net.subnet) {
                 Some(ip) => ip,
                 None => {
                     plan.condition(format!("instance {ident}"), "NoAddress", "the subnet is full");
@@ -251,11 +274,19 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
     }
 
     // Firewall rules from allowed connections to instances that expose the port.
+    let mut by_item: BTreeMap<&str, Vec<(&InstanceIdent, &str, &InstancePlacement)>> =
+        BTreeMap::new();
+    for (ident, (net, p)) in &members {
+        by_item
+            .entry(ident.item_id.as_str())
+            .or_default()
+            .push((ident, net, p));
+    }
     for (ident, (net_id, p)) in &members {
         let Some(src) = ips.get(*ident) else {
             continue;
         };
-        let Some(cfg) = manifest_of(snap, p).and_then(|m| m.item_config.as_ref()) else {
+        let Some(cfg) = manifest_of(snap, &items, p).and_then(|m| m.item_config.as_ref()) else {
             continue;
         };
         let mut rules: Vec<FirewallRule> = Vec::new();
@@ -268,14 +299,15 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                 );
                 continue;
             };
-            let dst = members.iter().find(|(t, (_, tp))| {
-                t.item_id == target
-                    && manifest_of(snap, tp).is_some_and(|m| {
+            let dst = by_item.get(target).and_then(|targets| {
+                targets.iter().find(|(_, _, tp)| {
+                    manifest_of(snap, &items, tp).is_some_and(|m| {
                         m.image.exposed_ports.iter().any(|e| exposes(e, port, proto))
                     })
+                })
             });
             match dst {
-                Some((t, (t_net, _))) => {
+                Some((t, t_net, _)) => {
                     if t_net == net_id {
                         continue; // same subnet: no rule needed
                     }

@@ -29,7 +29,8 @@ pub struct NodeBudget {
     pub state_free: Option<u64>,
     /// Free share count per resource name; `None` = unlimited.
     pub resources: BTreeMap<String, Option<u64>>,
-    pub runtime_budgets: BTreeMap<RuntimeId, RuntimeBudget>,
+    /// Budgets of `runtimes`, by the same index.
+    pub runtime_budgets: Vec<RuntimeBudget>,
     pub accepts_new: bool,
 }
 
@@ -43,8 +44,12 @@ pub struct RuntimeBudget {
 impl NodeBudget {
     pub fn new(node: &ObservedNode, config: NodeConfig, accepts_new: bool) -> NodeBudget {
         let sm = node.sm.clone().unwrap_or_default();
-        let runtime_budgets = sm
-            .runtimes
+        let mut runtimes = sm.runtimes.clone();
+        runtimes.sort_by(|a, b| {
+            (a.runtime_type.as_str(), a.runtime_id.as_str())
+                .cmp(&(b.runtime_type.as_str(), b.runtime_id.as_str()))
+        });
+        let runtime_budgets = runtimes
             .iter()
             .map(|r| {
                 let max = if r.max_instances == 0 {
@@ -52,14 +57,11 @@ impl NodeBudget {
                 } else {
                     r.max_instances
                 };
-                (
-                    r.runtime_id.clone(),
-                    RuntimeBudget {
-                        cpu_free: (r.allowed_dmips > 0).then_some(r.allowed_dmips),
-                        ram_free: (r.allowed_ram > 0).then_some(r.allowed_ram),
-                        instances_left: max,
-                    },
-                )
+                RuntimeBudget {
+                    cpu_free: (r.allowed_dmips > 0).then_some(r.allowed_dmips),
+                    ram_free: (r.allowed_ram > 0).then_some(r.allowed_ram),
+                    instances_left: max,
+                }
             })
             .collect();
         let resources = sm
@@ -67,11 +69,6 @@ impl NodeBudget {
             .iter()
             .map(|r| (r.name.clone(), (r.shared_count > 0).then_some(r.shared_count)))
             .collect();
-        let mut runtimes = sm.runtimes.clone();
-        runtimes.sort_by(|a, b| {
-            (a.runtime_type.as_str(), a.runtime_id.as_str())
-                .cmp(&(b.runtime_type.as_str(), b.runtime_id.as_str()))
-        });
         NodeBudget {
             node_id: node.info.node_id.clone(),
             node_type: node.info.node_type.clone(),
@@ -98,7 +95,8 @@ impl NodeBudget {
                 *left = left.saturating_sub(1);
             }
         }
-        if let Some(rb) = self.runtime_budgets.get_mut(runtime_id) {
+        let idx = self.runtimes.iter().position(|r| r.runtime_id == runtime_id);
+        if let Some(rb) = idx.and_then(|i| self.runtime_budgets.get_mut(i)) {
             rb.cpu_free = rb.cpu_free.map(|c| c.saturating_sub(r.cpu_dmips));
             rb.ram_free = rb.ram_free.map(|c| c.saturating_sub(r.ram));
             rb.instances_left = rb.instances_left.saturating_sub(1);
@@ -187,6 +185,7 @@ fn platform_text(image: &ImageConfig) -> String {
 #[derive(Debug, Clone)]
 pub struct Choice {
     pub node_idx: usize,
+    pub runtime_idx: usize,
     pub runtime: RuntimeInfo,
     pub reservation: Reservation,
 }
@@ -208,14 +207,15 @@ fn reject(stage: u8, reason: &'static str, message: String) -> Rejection {
     }
 }
 
-/// Runs the filter chain for one manifest over every node and returns the best candidate.
-pub fn choose(
+/// The (node, runtime) pairs that pass the filters that do not depend on what is already
+/// placed: pin, labels, presence of the named resources, runtime type and platform. The
+/// result is the same for every instance of one request and manifest, so callers cache it.
+pub fn static_candidates(
     req: &InstanceRequest<'_>,
     manifest: &ManifestInfo,
     cfg: &ItemConfig,
     nodes: &[NodeBudget],
-) -> Result<Choice, Rejection> {
-    // Node filters.
+) -> Result<Vec<(usize, usize)>, Rejection> {
     let mut cands: Vec<usize> = (0..nodes.len())
         .filter(|&i| match &req.pinned {
             Some((node, _)) => nodes[i].node_id == *node,
@@ -232,11 +232,7 @@ pub fn choose(
             None => reject(0, "NoNodes", "no connected, provisioned node".to_string()),
         });
     }
-    cands.retain(|&i| {
-        req.labels
-            .iter()
-            .all(|l| nodes[i].config.labels.contains(l))
-    });
+    cands.retain(|&i| req.labels.iter().all(|l| nodes[i].config.labels.contains(l)));
     if cands.is_empty() {
         return Err(reject(
             1,
@@ -244,35 +240,23 @@ pub fn choose(
             format!("no node with label {}", req.labels.join(", ")),
         ));
     }
-    cands.retain(|&i| {
-        cfg.resources.iter().all(|name| match nodes[i].resources.get(name) {
-            None => false,
-            Some(None) => true,
-            Some(Some(left)) => *left > 0,
-        })
-    });
+    cands.retain(|&i| cfg.resources.iter().all(|n| nodes[i].resources.contains_key(n)));
     if cands.is_empty() {
-        return Err(reject(
-            2,
-            "NoResource",
-            format!("no node with resource {} free", cfg.resources.join(", ")),
-        ));
+        return Err(no_resource(cfg));
     }
-
-    // Runtime filters, over (node, runtime) pairs.
     let allowed: Vec<&str> = if cfg.runtimes.is_empty() {
         DEFAULT_RUNTIMES.to_vec()
     } else {
         cfg.runtimes.iter().map(String::as_str).collect()
     };
-    let mut pairs: Vec<(usize, &RuntimeInfo)> = cands
+    let mut pairs: Vec<(usize, usize)> = cands
         .iter()
-        .flat_map(|&i| nodes[i].runtimes.iter().map(move |r| (i, r)))
-        .filter(|(_, r)| match &req.pinned {
-            Some((_, rt)) => r.runtime_id == *rt,
+        .flat_map(|&i| (0..nodes[i].runtimes.len()).map(move |r| (i, r)))
+        .filter(|&(i, r)| match &req.pinned {
+            Some((_, rt)) => nodes[i].runtimes[r].runtime_id == *rt,
             None => true,
         })
-        .filter(|(_, r)| allowed.contains(&r.runtime_type.as_str()))
+        .filter(|&(i, r)| allowed.contains(&nodes[i].runtimes[r].runtime_type.as_str()))
         .collect();
     if pairs.is_empty() {
         return Err(reject(
@@ -281,7 +265,7 @@ pub fn choose(
             format!("no node with runtime type {}", allowed.join(" or ")),
         ));
     }
-    pairs.retain(|(_, r)| platform_matches(&manifest.image, r));
+    pairs.retain(|&(i, r)| platform_matches(&manifest.image, &nodes[i].runtimes[r]));
     if pairs.is_empty() {
         return Err(reject(
             4,
@@ -289,40 +273,63 @@ pub fn choose(
             format!("no runtime for platform {}", platform_text(&manifest.image)),
         ));
     }
-    let res_of = |i: usize| reservation(req.item_type, cfg, &nodes[i].config.resource_ratios);
-    let accounted = req.item_type != ItemType::Component && !cfg.skip_resource_limits;
+    Ok(pairs)
+}
+
+fn no_resource(cfg: &ItemConfig) -> Rejection {
+    reject(
+        2,
+        "NoResource",
+        format!("no node with resource {} free", cfg.resources.join(", ")),
+    )
+}
+
+/// Runs the filters that depend on what is already placed (free shares of resources, CPU,
+/// RAM, storage, state, instance count) over the static candidates, and picks the best.
+pub fn choose_from(
+    item_type: ItemType,
+    cfg: &ItemConfig,
+    nodes: &[NodeBudget],
+    candidates: &[(usize, usize)],
+) -> Result<Choice, Rejection> {
+    let mut pairs: Vec<(usize, usize, Reservation)> = candidates
+        .iter()
+        .filter(|&&(i, _)| {
+            cfg.resources
+                .iter()
+                .all(|n| matches!(nodes[i].resources.get(n), Some(None)) || matches!(nodes[i].resources.get(n), Some(Some(left)) if *left > 0))
+        })
+        .map(|&(i, r)| (i, r, reservation(item_type, cfg, &nodes[i].config.resource_ratios)))
+        .collect();
+    if pairs.is_empty() {
+        return Err(no_resource(cfg));
+    }
+    let accounted = item_type != ItemType::Component && !cfg.skip_resource_limits;
     if accounted {
-        pairs.retain(|&(i, r)| {
-            let need = res_of(i).cpu_dmips;
-            let rt = nodes[i].runtime_budgets.get(&r.runtime_id);
-            need <= nodes[i].cpu_free && rt.and_then(|b| b.cpu_free).is_none_or(|c| need <= c)
+        pairs.retain(|&(i, r, need)| {
+            let rt = &nodes[i].runtime_budgets[r];
+            need.cpu_dmips <= nodes[i].cpu_free && rt.cpu_free.is_none_or(|c| need.cpu_dmips <= c)
         });
         if pairs.is_empty() {
             return Err(reject(5, "NoCpu", "not enough CPU on any node".to_string()));
         }
-        pairs.retain(|&(i, r)| {
-            let need = res_of(i).ram;
-            let rt = nodes[i].runtime_budgets.get(&r.runtime_id);
-            need <= nodes[i].ram_free && rt.and_then(|b| b.ram_free).is_none_or(|c| need <= c)
+        pairs.retain(|&(i, r, need)| {
+            let rt = &nodes[i].runtime_budgets[r];
+            need.ram <= nodes[i].ram_free && rt.ram_free.is_none_or(|c| need.ram <= c)
         });
         if pairs.is_empty() {
             return Err(reject(6, "NoRam", "not enough RAM on any node".to_string()));
         }
-        pairs.retain(|&(i, _)| nodes[i].storage_free.is_none_or(|s| res_of(i).storage <= s));
+        pairs.retain(|&(i, _, need)| nodes[i].storage_free.is_none_or(|s| need.storage <= s));
         if pairs.is_empty() {
             return Err(reject(7, "NoStorage", "not enough storage on any node".to_string()));
         }
-        pairs.retain(|&(i, _)| nodes[i].state_free.is_none_or(|s| res_of(i).state <= s));
+        pairs.retain(|&(i, _, need)| nodes[i].state_free.is_none_or(|s| need.state <= s));
         if pairs.is_empty() {
             return Err(reject(8, "NoState", "not enough state space on any node".to_string()));
         }
     }
-    pairs.retain(|&(i, r)| {
-        nodes[i]
-            .runtime_budgets
-            .get(&r.runtime_id)
-            .is_none_or(|b| b.instances_left > 0)
-    });
+    pairs.retain(|&(i, r, _)| nodes[i].runtime_budgets[r].instances_left > 0);
     if pairs.is_empty() {
         return Err(reject(
             9,
@@ -330,26 +337,36 @@ pub fn choose(
             "every suitable runtime runs its maximum number of instances".to_string(),
         ));
     }
-
     // Best node: highest priority, then most free CPU, then RAM, then node ID; runtimes are
-    // sorted by type on each node, so the first pair of the best node has the runtime to use.
-    let best = pairs.iter().copied().min_by(|&(a, ra), &(b, rb)| {
+    // sorted by type on each node, so the lowest runtime index of the best node is the one.
+    let best = pairs.iter().copied().min_by(|&(a, ra, _), &(b, rb, _)| {
         let (na, nb) = (&nodes[a], &nodes[b]);
         nb.config
             .priority
             .cmp(&na.config.priority)
-            .then(nb.cpu_free.cmp(&na.cpu_free))
-            .then(nb.ram_free.cmp(&na.ram_free))
-            .then(na.node_id.cmp(&nb.node_id))
-            .then(ra.runtime_type.cmp(&rb.runtime_type))
-            .then(ra.runtime_id.cmp(&rb.runtime_id))
+            .then_with(|| nb.cpu_free.cmp(&na.cpu_free))
+            .then_with(|| nb.ram_free.cmp(&na.ram_free))
+            .then_with(|| na.node_id.cmp(&nb.node_id))
+            .then_with(|| ra.cmp(&rb))
     });
     match best {
-        Some((i, r)) => Ok(Choice {
+        Some((i, r, need)) => Ok(Choice {
             node_idx: i,
-            runtime: r.clone(),
-            reservation: res_of(i),
+            runtime_idx: r,
+            runtime: nodes[i].runtimes[r].clone(),
+            reservation: need,
         }),
         None => Err(reject(10, "NoNodes", "no candidate left".to_string())),
     }
+}
+
+/// The whole filter chain for one manifest over every node.
+pub fn choose(
+    req: &InstanceRequest<'_>,
+    manifest: &ManifestInfo,
+    cfg: &ItemConfig,
+    nodes: &[NodeBudget],
+) -> Result<Choice, Rejection> {
+    let candidates = static_candidates(req, manifest, cfg, nodes)?;
+    choose_from(req.item_type, cfg, nodes, &candidates)
 }
