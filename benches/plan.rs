@@ -27,8 +27,14 @@ fn unit() -> Snapshot {
             .map(|t| RuntimeInfo {
                 runtime_id: format!("{t}-{id}"),
                 runtime_type: t.to_string(),
-                arch_info: ArchInfo { architecture: "amd64".into(), variant: None },
-                os_info: OsInfo { os: "linux".into(), ..OsInfo::default() },
+                arch_info: ArchInfo {
+                    architecture: "amd64".into(),
+                    variant: None,
+                },
+                os_info: OsInfo {
+                    os: "linux".into(),
+                    ..OsInfo::default()
+                },
                 ..RuntimeInfo::default()
             })
             .collect();
@@ -43,7 +49,10 @@ fn unit() -> Snapshot {
                     state: NodeState::Provisioned,
                     ..NodeInfo::default()
                 },
-                sm: Some(SmInfo { runtimes, resources: vec![] }),
+                sm: Some(SmInfo {
+                    runtimes,
+                    resources: vec![],
+                }),
                 node_config: None,
                 connection: Connection::Connected,
                 usage: None,
@@ -63,9 +72,17 @@ fn unit() -> Snapshot {
                     config_digest: manifest,
                     item_config_digest: None,
                     layers: vec![],
-                    image: ImageConfig { architecture: "amd64".into(), os: "linux".into(), ..ImageConfig::default() },
+                    image: ImageConfig {
+                        architecture: "amd64".into(),
+                        os: "linux".into(),
+                        ..ImageConfig::default()
+                    },
                     item_config: Some(ItemConfig {
-                        requested: RequestedResources { cpu: Some(100), ram: Some(16 << 20), ..Default::default() },
+                        requested: RequestedResources {
+                            cpu: Some(100),
+                            ram: Some(16 << 20),
+                            ..Default::default()
+                        },
                         ..ItemConfig::default()
                     }),
                 }],
@@ -106,7 +123,10 @@ fn median(mut f: impl FnMut() -> usize, runs: usize) -> (Duration, usize) {
 fn main() {
     let fresh = unit();
     let (t, n) = median(|| reconcilers::instances::plan(&fresh, 0).actions.len(), 9);
-    println!("instances reconciler, fresh unit ({n} starts): median {:.1} ms", t.as_secs_f64() * 1e3);
+    println!(
+        "instances reconciler, fresh unit ({n} starts): median {:.1} ms",
+        t.as_secs_f64() * 1e3
+    );
 
     let mut converged = fresh.clone();
     for _ in 0..3 {
@@ -117,19 +137,38 @@ fn main() {
         }
     }
     let placed = converged.allocations.instances.len();
-    let (t, n) = median(|| reconcilers::instances::plan(&converged, 0).actions.len(), 9);
+    let (t, n) = median(
+        || reconcilers::instances::plan(&converged, 0).actions.len(),
+        9,
+    );
     println!(
         "instances reconciler, converged unit ({placed} placements, {n} actions): median {:.1} ms",
         t.as_secs_f64() * 1e3
     );
     let (t, n) = median(
-        || reconcilers::plan_all(&converged, 0).iter().map(|p| p.actions.len()).sum(),
+        || {
+            reconcilers::plan_all(&converged, 0)
+                .iter()
+                .map(|p| p.actions.len())
+                .sum()
+        },
         9,
     );
-    println!("all five reconcilers, converged unit ({n} actions): median {:.1} ms", t.as_secs_f64() * 1e3);
+    println!(
+        "all five reconcilers, converged unit ({n} actions): median {:.1} ms",
+        t.as_secs_f64() * 1e3
+    );
     let (t, n) = median(
-        || reconcilers::plan_all(&fresh, 0).iter().map(|p| p.actions.len()).sum(),
+        || {
+            reconcilers::plan_all(&fresh, 0)
+                .iter()
+                .map(|p| p.actions.len())
+                .sum()
+        },
         5,
     );
-    println!("dry run (five reconcilers, two rounds), fresh unit ({n} actions): median {:.1} ms", t.as_secs_f64() * 1e3);
+    println!(
+        "dry run (five reconcilers, two rounds), fresh unit ({n} actions): median {:.1} ms",
+        t.as_secs_f64() * 1e3
+    );
 }

@@ -3,8 +3,10 @@
 
 pub mod api;
 pub mod config;
+pub mod engine;
 pub mod imagestore;
 pub mod model;
 pub mod reconcilers;
 pub mod render;
 pub mod scenario;
+pub mod store;

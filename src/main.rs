@@ -88,7 +88,10 @@ fn plan(dir: &std::path::Path, as_json: bool) -> anyhow::Result<ExitCode> {
     };
     let plans = reconcilers::plan_all(&sc.snapshot, sc.now);
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&render::plan_json(&plans))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&render::plan_json(&plans))?
+        );
     } else {
         print!("{}", render::plan_text(&plans));
     }
@@ -159,10 +162,13 @@ fn validate(file: &std::path::Path, kind: Option<Kind>) -> anyhow::Result<ExitCo
             }
         },
     }
-    println!("{name}: valid {}", match kind {
-        Kind::Frame => "v7 frame",
-        Kind::Unitconfig => "unit config",
-        Kind::Config => "aos_cm.cfg",
-    });
+    println!(
+        "{name}: valid {}",
+        match kind {
+            Kind::Frame => "v7 frame",
+            Kind::Unitconfig => "unit config",
+            Kind::Config => "aos_cm.cfg",
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }

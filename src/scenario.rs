@@ -93,7 +93,9 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<UnixMillis> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || mi > 59 || sec > 60 {
         return None;
     }
-    let ms: i64 = format!("{:0<3}", &frac.get(..frac.len().min(3))?).parse().ok()?;
+    let ms: i64 = format!("{:0<3}", &frac.get(..frac.len().min(3))?)
+        .parse()
+        .ok()?;
     // Days from civil date (proleptic Gregorian).
     let y2 = if m <= 2 { y - 1 } else { y };
     let era = y2.div_euclid(400);
@@ -147,7 +149,10 @@ pub fn load(dir: &Path) -> Result<Scenario, ScenarioError> {
             {
                 probs.push(
                     &e.path_of("smInfo.nodeId"),
-                    format!("{sm_node:?} differs from nodeInfo.nodeId {:?}", info.node_id),
+                    format!(
+                        "{sm_node:?} differs from nodeInfo.nodeId {:?}",
+                        info.node_id
+                    ),
                 );
             }
             snap.observed.nodes.insert(
@@ -251,8 +256,14 @@ fn fill_reservations(snap: &mut Snapshot) {
             .and_then(|img| img.manifests.iter().find(|m| m.digest == p.manifest_digest))
             .and_then(|m| m.item_config.clone())
             .unwrap_or_default();
-        let ratios = match (&snap.observed.unit_config.config, snap.observed.nodes.get(&p.node_id)) {
-            (Some(uc), Some(n)) => uc.node_config(&p.node_id, &n.info.node_type).resource_ratios,
+        let ratios = match (
+            &snap.observed.unit_config.config,
+            snap.observed.nodes.get(&p.node_id),
+        ) {
+            (Some(uc), Some(n)) => {
+                uc.node_config(&p.node_id, &n.info.node_type)
+                    .resource_ratios
+            }
             _ => ResourceRatios::default(),
         };
         p.requested = placement::reservation(item.item_type, &cfg, &ratios);
@@ -288,7 +299,10 @@ fn apply_observed(
     if let Some(t) = o.string("now", probs) {
         match parse_rfc3339_ms(&t) {
             Some(ms) => *now = ms,
-            None => probs.push("now", "expected an RFC 3339 UTC time like 2026-09-01T09:00:00Z"),
+            None => probs.push(
+                "now",
+                "expected an RFC 3339 UTC time like 2026-09-01T09:00:00Z",
+            ),
         }
     }
     snap.observed.unit_subjects = o.strings("unitSubjects", probs).into_iter().collect();
@@ -329,8 +343,10 @@ fn apply_observed(
     if let Some((p, nv)) = o.object("nodes", probs)
         && let Some(nodes) = json::obj(nv, &p, probs)
     {
-        let entries: Vec<(String, Value)> =
-            nodes.entries().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let entries: Vec<(String, Value)> = nodes
+            .entries()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (node_id, ov) in entries {
             let path = format!("nodes.{node_id}");
             let Some(no) = json::obj(&ov, &path, probs) else {
@@ -422,7 +438,10 @@ fn apply_observed(
         };
         let rt = io.id("runtime", 64, probs).unwrap_or_default();
         let Some((runtime_id, _)) = runtime_id(snap, &node, &rt) else {
-            probs.push(&io.path_of("runtime"), format!("node {node} has no runtime {rt:?}"));
+            probs.push(
+                &io.path_of("runtime"),
+                format!("node {node} has no runtime {rt:?}"),
+            );
             continue;
         };
         let state = io
@@ -457,10 +476,15 @@ fn apply_observed(
             continue;
         };
         let Some((runtime_id, runtime_type)) = runtime_id(snap, &node, &rt) else {
-            probs.push(&po.path_of("runtime"), format!("node {node} has no runtime {rt:?}"));
+            probs.push(
+                &po.path_of("runtime"),
+                format!("node {node} has no runtime {rt:?}"),
+            );
             continue;
         };
-        let Some(manifest) = po.string("manifest", probs).and_then(|m| Digest::parse(&m).ok())
+        let Some(manifest) = po
+            .string("manifest", probs)
+            .and_then(|m| Digest::parse(&m).ok())
         else {
             probs.push(&po.path_of("manifest"), "is required (sha256:<hex>)");
             continue;

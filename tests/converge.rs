@@ -45,15 +45,25 @@ fn fresh_install_converges_with_expected_placement() {
     assert_eq!(node_of("8f3a6b2c", 0), ("main".into(), "crun".into())); // gateway
     assert_eq!(node_of("2d7c4e1a", 0), ("main".into(), "crun".into())); // telemetry
     assert_eq!(node_of("2d7c4e1a", 1), ("main".into(), "crun".into()));
-    assert_eq!(node_of("c41e9d7b", 0), ("secondary-1".into(), "runc".into())); // vision
+    assert_eq!(
+        node_of("c41e9d7b", 0),
+        ("secondary-1".into(), "runc".into())
+    ); // vision
     let boots: Vec<_> = (0..2).map(|i| node_of("e7b2a5d9", i)).collect();
     assert_eq!(
         boots,
-        vec![("secondary-1".into(), "boot".into()), ("secondary-2".into(), "boot".into())]
+        vec![
+            ("secondary-1".into(), "boot".into()),
+            ("secondary-2".into(), "boot".into())
+        ]
     );
     // Items installed, all blobs present, two networks.
     assert_eq!(
-        snap.observed.items.values().filter(|i| i.state == ItemState::Installed).count(),
+        snap.observed
+            .items
+            .values()
+            .filter(|i| i.state == ItemState::Installed)
+            .count(),
         5
     );
     assert_eq!(snap.allocations.networks.len(), 2);

@@ -33,7 +33,11 @@ fn check(dir: &Path) -> String {
 #[test]
 fn every_scenario_matches_its_snapshot() {
     let dirs = scenarios();
-    assert!(dirs.len() >= 10, "expected at least 10 scenarios, found {}", dirs.len());
+    assert!(
+        dirs.len() >= 10,
+        "expected at least 10 scenarios, found {}",
+        dirs.len()
+    );
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let out = check(&dir);
@@ -54,9 +58,14 @@ fn planning_is_deterministic() {
         let second = check(&dir);
         assert_eq!(first, second, "{} planned differently twice", dir.display());
         if let Ok(sc) = scenario::load(&dir) {
-            let a = serde_json::to_vec(&aos_cm::render::plan_json(&plan_all(&sc.snapshot, sc.now))).unwrap();
+            let a = serde_json::to_vec(&aos_cm::render::plan_json(&plan_all(&sc.snapshot, sc.now)))
+                .unwrap();
             let sc2 = scenario::load(&dir).unwrap();
-            let b = serde_json::to_vec(&aos_cm::render::plan_json(&plan_all(&sc2.snapshot, sc2.now))).unwrap();
+            let b = serde_json::to_vec(&aos_cm::render::plan_json(&plan_all(
+                &sc2.snapshot,
+                sc2.now,
+            )))
+            .unwrap();
             assert_eq!(a, b, "{}: JSON plan differs between runs", dir.display());
         }
     }
@@ -67,7 +76,11 @@ fn plan_cli_exit_codes() {
     let bin = env!("CARGO_BIN_EXE_aos-cm");
     for dir in scenarios() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let out = std::process::Command::new(bin).arg("plan").arg(&dir).output().unwrap();
+        let out = std::process::Command::new(bin)
+            .arg("plan")
+            .arg(&dir)
+            .output()
+            .unwrap();
         let want = if name.starts_with("invalid-") { 2 } else { 0 };
         assert_eq!(
             out.status.code(),
@@ -83,7 +96,11 @@ fn plan_cli_exit_codes() {
 fn plan_reports_missing_files_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_aos-cm");
-    let out = std::process::Command::new(bin).arg("plan").arg(dir.path()).output().unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("plan")
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("desired.json: missing"), "{err}");

@@ -58,7 +58,11 @@ pub fn parse(text: &str) -> Result<Value, Problems> {
         let mut p = Problems::default();
         p.push(
             "$",
-            format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+            format!(
+                "invalid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
         );
         p
     })
@@ -90,7 +94,10 @@ pub fn obj<'a>(v: &'a Value, path: &str, probs: &mut Problems) -> Option<Obj<'a>
             map,
         }),
         other => {
-            probs.push(path, format!("expected an object, found {}", type_name(other)));
+            probs.push(
+                path,
+                format!("expected an object, found {}", type_name(other)),
+            );
             None
         }
     }
@@ -153,7 +160,10 @@ impl<'a> Obj<'a> {
             Some(s) if s.chars().count() > max => {
                 probs.push(
                     &path,
-                    format!("is {} characters long, at most {max} allowed", s.chars().count()),
+                    format!(
+                        "is {} characters long, at most {max} allowed",
+                        s.chars().count()
+                    ),
                 );
                 None
             }
@@ -239,7 +249,10 @@ impl<'a> Obj<'a> {
         for (path, v) in self.array(key, probs) {
             match v {
                 Value::String(s) => out.push(s.clone()),
-                other => probs.push(&path, format!("expected a string, found {}", type_name(other))),
+                other => probs.push(
+                    &path,
+                    format!("expected a string, found {}", type_name(other)),
+                ),
             }
         }
         out
@@ -258,7 +271,10 @@ impl<'a> Obj<'a> {
         if parsed.is_none() {
             probs.push(
                 &self.path_of(key),
-                format!("unknown value {s:?}, expected one of: {}", allowed.join(", ")),
+                format!(
+                    "unknown value {s:?}, expected one of: {}",
+                    allowed.join(", ")
+                ),
             );
         }
         parsed

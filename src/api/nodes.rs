@@ -7,7 +7,10 @@ use crate::model::*;
 use serde_json::Value;
 
 fn arch(o: &Obj<'_>, probs: &mut Problems) -> ArchInfo {
-    match o.object("archInfo", probs).and_then(|(p, v)| json::obj(v, &p, probs)) {
+    match o
+        .object("archInfo", probs)
+        .and_then(|(p, v)| json::obj(v, &p, probs))
+    {
         Some(a) => ArchInfo {
             architecture: a.string("architecture", probs).unwrap_or_default(),
             variant: a.string("variant", probs).filter(|v| !v.is_empty()),
@@ -17,7 +20,10 @@ fn arch(o: &Obj<'_>, probs: &mut Problems) -> ArchInfo {
 }
 
 fn os(o: &Obj<'_>, probs: &mut Problems) -> OsInfo {
-    match o.object("osInfo", probs).and_then(|(p, v)| json::obj(v, &p, probs)) {
+    match o
+        .object("osInfo", probs)
+        .and_then(|(p, v)| json::obj(v, &p, probs))
+    {
         Some(a) => OsInfo {
             os: a.string("os", probs).unwrap_or_default(),
             version: a.string("version", probs).filter(|v| !v.is_empty()),
@@ -128,5 +134,11 @@ pub fn sm_info(v: &Value, path: &str, probs: &mut Problems) -> Option<(String, S
             shared_count: r.u64("sharedCount", probs).unwrap_or(0),
         });
     }
-    Some((node_id, SmInfo { runtimes, resources }))
+    Some((
+        node_id,
+        SmInfo {
+            runtimes,
+            resources,
+        },
+    ))
 }

@@ -97,7 +97,11 @@ fn manifest(src: &dyn BlobSource, digest: &Digest, probs: &mut Problems) -> Opti
         .into_iter()
         .filter_map(|(p, v)| digest_at(v, &p, "digest", probs))
         .collect();
-    let image = image_config(&document(src, &config_digest, probs)?, config_digest.as_str(), probs);
+    let image = image_config(
+        &document(src, &config_digest, probs)?,
+        config_digest.as_str(),
+        probs,
+    );
     let item_config = match &item_config_digest {
         Some(d) => Some(item_config(&document(src, d, probs)?, d.as_str(), probs)?),
         None => None,
@@ -116,12 +120,14 @@ fn manifest(src: &dyn BlobSource, digest: &Digest, probs: &mut Problems) -> Opti
 pub fn image_config(v: &Value, path: &str, probs: &mut Problems) -> Option<ImageConfig> {
     let o = json::obj(v, path, probs)?;
     let mut exposed_ports: Vec<String> = match o.object("config", probs) {
-        Some((p, cv)) => match json::obj(cv, &p, probs).and_then(|c| c.object("ExposedPorts", probs)) {
-            Some((pp, pv)) => json::obj(pv, &pp, probs)
-                .map(|ports| ports.entries().map(|(k, _)| k.clone()).collect())
-                .unwrap_or_default(),
-            None => Vec::new(),
-        },
+        Some((p, cv)) => {
+            match json::obj(cv, &p, probs).and_then(|c| c.object("ExposedPorts", probs)) {
+                Some((pp, pv)) => json::obj(pv, &pp, probs)
+                    .map(|ports| ports.entries().map(|(k, _)| k.clone()).collect())
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            }
+        }
         None => Vec::new(),
     };
     exposed_ports.sort();

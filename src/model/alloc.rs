@@ -100,7 +100,9 @@ impl Ipv4Net {
         let (a, p) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?} is not in CIDR form a.b.c.d/n"))?;
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
         let prefix: u8 = p
             .parse()
             .ok()

@@ -82,12 +82,6 @@ pub struct ItemConfig {
     pub alert_rules: Option<AlertRules>,
 }
 
-impl Default for BalancingPolicy {
-    fn default() -> Self {
-        BalancingPolicy::Enabled
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quotas {
     pub cpu_dmips_limit: Option<u64>,

@@ -25,7 +25,9 @@ impl Digest {
             return Err(format!("digest {s:?} does not start with \"sha256:\""));
         };
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("digest {s:?} is not sha256: followed by 64 hex digits"));
+            return Err(format!(
+                "digest {s:?} is not sha256: followed by 64 hex digits"
+            ));
         }
         Ok(Digest(format!("sha256:{}", hex.to_ascii_lowercase())))
     }
@@ -181,3 +183,18 @@ string_enum!(
         Disabled = "disabled",
     }
 );
+
+// The enums above come from a macro, which cannot mark a variant `#[default]`.
+#[allow(clippy::derivable_impls)]
+impl Default for BalancingPolicy {
+    fn default() -> Self {
+        BalancingPolicy::Enabled
+    }
+}
+
+#[allow(clippy::derivable_impls)]
+impl Default for NodeState {
+    fn default() -> Self {
+        NodeState::Unprovisioned
+    }
+}

@@ -1,10 +1,10 @@
 //! What the CM knows about the unit as it is: nodes (from IAM and their SMs), instances the SMs
 //! report, the installed unit config, installed items and blobs, unit subjects and host routes.
 
-use super::ids::*;
-use super::desired::UnitConfig;
-use super::version::Version;
 use super::Ipv4Net;
+use super::desired::UnitConfig;
+use super::ids::*;
+use super::version::Version;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -52,9 +52,13 @@ impl ObservedNode {
 pub enum Connection {
     Connected,
     /// The SM stream dropped; the node is waited for until `smConnectionTimeout`.
-    Disconnected { since: UnixMillis },
+    Disconnected {
+        since: UnixMillis,
+    },
     /// The SM stayed away past `smConnectionTimeout`: the node is in error and not scheduled on.
-    Lost { since: UnixMillis },
+    Lost {
+        since: UnixMillis,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,12 +82,6 @@ pub struct NodeInfo {
     pub attrs: BTreeMap<String, String>,
     pub state: NodeState,
     pub error: Option<String>,
-}
-
-impl Default for NodeState {
-    fn default() -> Self {
-        NodeState::Unprovisioned
-    }
 }
 
 impl NodeInfo {

@@ -57,12 +57,14 @@ pub struct InstanceStart {
     pub alert_rules: Option<AlertRules>,
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "camelCase")]
 pub enum Action {
     /// Fetch one blob (requestBlobUrls, download, verify) into the blob store.
-    DownloadBlob { digest: Digest, for_items: Vec<String> },
+    DownloadBlob {
+        digest: Digest,
+        for_items: Vec<String>,
+    },
     /// Every blob of the item is present: mark the item installed.
     InstallItem {
         item_id: ItemId,
@@ -71,11 +73,19 @@ pub enum Action {
         index_digest: Digest,
     },
     /// The item is no longer desired (or replaced by another version): keep it for the TTL.
-    RemoveItem { item_id: ItemId, version: String },
+    RemoveItem {
+        item_id: ItemId,
+        version: String,
+    },
     /// A removed item outlived `updateItemTtl`: drop it from the catalogue.
-    DeleteItem { item_id: ItemId, version: String },
+    DeleteItem {
+        item_id: ItemId,
+        version: String,
+    },
     /// No item refers to this blob any more.
-    DeleteBlob { digest: Digest },
+    DeleteBlob {
+        digest: Digest,
+    },
     /// Record the placement and start the instance on its node.
     StartInstance(Box<InstanceStart>),
     StopInstance {
@@ -85,7 +95,9 @@ pub enum Action {
         reason: String,
     },
     /// The instance is neither desired nor running: free its placement and UID.
-    ReleaseInstance { ident: InstanceIdent },
+    ReleaseInstance {
+        ident: InstanceIdent,
+    },
     AllocateNetwork {
         network_id: NetworkId,
         subnet: Ipv4Net,
@@ -107,12 +119,24 @@ pub enum Action {
         ident: InstanceIdent,
         rules: Vec<FirewallRule>,
     },
-    ReleaseInstanceIp { ident: InstanceIdent },
-    DetachHost { network_id: NetworkId, node_id: NodeId },
-    ReleaseNetwork { network_id: NetworkId },
+    ReleaseInstanceIp {
+        ident: InstanceIdent,
+    },
+    DetachHost {
+        network_id: NetworkId,
+        node_id: NodeId,
+    },
+    ReleaseNetwork {
+        network_id: NetworkId,
+    },
     /// Accept the desired unit config as the installed one.
-    InstallUnitConfig { version: String },
-    PushNodeConfig { node_id: NodeId, version: String },
+    InstallUnitConfig {
+        version: String,
+    },
+    PushNodeConfig {
+        node_id: NodeId,
+        version: String,
+    },
     SetNodeState {
         node_id: NodeId,
         state: DesiredNodeState,
@@ -161,9 +185,9 @@ impl Action {
 fn mib(bytes: u64) -> String {
     if bytes == 0 {
         "0".to_string()
-    } else if bytes % (1024 * 1024) == 0 {
+    } else if bytes.is_multiple_of(1024 * 1024) {
         format!("{} MiB", bytes / (1024 * 1024))
-    } else if bytes % 1024 == 0 {
+    } else if bytes.is_multiple_of(1024) {
         format!("{} KiB", bytes / 1024)
     } else {
         format!("{bytes} B")
@@ -228,7 +252,10 @@ impl fmt::Display for Action {
                 network_id,
                 subnet,
                 vlan_id,
-            } => write!(f, "allocate network {network_id}: subnet {subnet}, vlan {vlan_id}"),
+            } => write!(
+                f,
+                "allocate network {network_id}: subnet {subnet}, vlan {vlan_id}"
+            ),
             Action::AttachHost {
                 network_id,
                 node_id,
@@ -318,7 +345,13 @@ impl Plan {
         self.actions.is_empty()
     }
 
-    pub fn condition(&mut self, object: impl Into<String>, reason: &str, message: impl Into<String>) {
-        self.conditions.push(Condition::new(object, reason, message));
+    pub fn condition(
+        &mut self,
+        object: impl Into<String>,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
+        self.conditions
+            .push(Condition::new(object, reason, message));
     }
 }

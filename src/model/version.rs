@@ -145,7 +145,16 @@ mod tests {
 
     #[test]
     fn rejects_malformed_versions() {
-        for bad in ["", "1", "1.2", "1.2.x", "1.2.3.4", "1.2.3-", "1.2.3-a..b", "a.b.c"] {
+        for bad in [
+            "",
+            "1",
+            "1.2",
+            "1.2.x",
+            "1.2.3.4",
+            "1.2.3-",
+            "1.2.3-a..b",
+            "a.b.c",
+        ] {
             assert!(Version::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

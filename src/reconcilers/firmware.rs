@@ -33,7 +33,10 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             plan.condition(
                 format!("item {}", item.id),
                 "WaitingForImage",
-                format!("component {} {} is not downloaded yet", item.id, item.version),
+                format!(
+                    "component {} {} is not downloaded yet",
+                    item.id, item.version
+                ),
             );
             continue;
         };
@@ -84,6 +87,16 @@ fn plan_one(
     ident: InstanceIdent,
 ) {
     let object = format!("instance {ident}");
+    let reported = snap.observed.instances.get(&ident);
+    let runs_version = reported.is_some_and(|r| {
+        r.node_id == node.info.node_id
+            && r.runtime_id == rt.runtime_id
+            && r.version == item.version
+            && r.state != InstanceState::Inactive
+    });
+    if !node.is_connected() && runs_version {
+        return; // installed before the node went away: nothing to do until it is back
+    }
     if !node.is_connected() || node.info.state != NodeState::Provisioned {
         let why = if node.is_connected() {
             format!("is {}", node.info.state)
@@ -93,14 +106,17 @@ fn plan_one(
         plan.condition(
             object,
             "NodeUnavailable",
-            format!("pinned to {}/{}, whose node {why}", node.info.node_id, rt.runtime_type),
+            format!(
+                "pinned to {}/{}, whose node {why}",
+                node.info.node_id, rt.runtime_type
+            ),
         );
         return;
     }
     let Some(manifest) = image.manifests.iter().find(|m| {
         m.item_config
             .as_ref()
-            .is_some_and(|c| c.runtimes.iter().any(|t| *t == rt.runtime_type))
+            .is_some_and(|c| c.runtimes.contains(&rt.runtime_type))
             && platform_matches(&m.image, rt)
     }) else {
         plan.condition(
@@ -127,7 +143,6 @@ fn plan_one(
         gid: 0,
         requested: Reservation::default(),
     };
-    let reported = snap.observed.instances.get(&ident);
     let done = reported.is_some_and(|r| {
         r.node_id == placement.node_id
             && r.runtime_id == placement.runtime_id
@@ -140,18 +155,21 @@ fn plan_one(
         plan.condition(
             object.clone(),
             "InstanceFailed",
-            r.error.clone().unwrap_or_else(|| "the node reports the update failed".into()),
+            r.error
+                .clone()
+                .unwrap_or_else(|| "the node reports the update failed".into()),
         );
     }
     if !done || snap.allocations.instances.get(&ident) != Some(&placement) {
-        plan.actions.push(Action::StartInstance(Box::new(InstanceStart {
-            placement,
-            item_type: ItemType::Component,
-            owner_id: item.owner_id.clone(),
-            priority: req.priority,
-            storage_quota: 0,
-            state_quota: 0,
-            alert_rules: None,
-        })));
+        plan.actions
+            .push(Action::StartInstance(Box::new(InstanceStart {
+                placement,
+                item_type: ItemType::Component,
+                owner_id: item.owner_id.clone(),
+                priority: req.priority,
+                storage_quota: 0,
+                state_quota: 0,
+                alert_rules: None,
+            })));
     }
 }

@@ -45,7 +45,8 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
         }
     }
     for (digest, for_items) in downloads {
-        plan.actions.push(Action::DownloadBlob { digest, for_items });
+        plan.actions
+            .push(Action::DownloadBlob { digest, for_items });
     }
 
     // Installs: complete items not installed yet (a removed one is revived).

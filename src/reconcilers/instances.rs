@@ -91,7 +91,8 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                 continue;
             }
         }
-        let idents = (0..req.num_instances).map(|i| InstanceIdent::new(&req.item_id, &req.subject_id, i));
+        let idents =
+            (0..req.num_instances).map(|i| InstanceIdent::new(&req.item_id, &req.subject_id, i));
         if let Some(subject) = desired.subjects.iter().find(|s| s.id == req.subject_id)
             && subject.is_reported_from_unit
             && !snap.observed.unit_subjects.contains(&req.subject_id)
@@ -149,7 +150,12 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         let Some(&i) = node_idx.get(p.node_id.as_str()) else {
             continue; // its node is gone, lost or paused: re-place
         };
-        let Some(m) = w.image.manifests.iter().find(|m| m.digest == p.manifest_digest) else {
+        let Some(m) = w
+            .image
+            .manifests
+            .iter()
+            .find(|m| m.digest == p.manifest_digest)
+        else {
             continue;
         };
         if p.version != w.item.version {
@@ -174,7 +180,10 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
     }
 
     // 3. Place the rest.
-    type Statics = (ItemConfig, Result<Vec<(usize, usize)>, placement::Rejection>);
+    type Statics = (
+        ItemConfig,
+        Result<Vec<(usize, usize)>, placement::Rejection>,
+    );
     let mut statics: BTreeMap<(usize, usize), Statics> = BTreeMap::new();
     let mut used_uids: BTreeSet<u32> = allocs.instances.values().map(|p| p.uid).collect();
     let (uid_first, uid_end) = (snap.settings.uid_first, snap.settings.uid_end);
@@ -185,14 +194,19 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             continue;
         }
         let old = allocs.instances.get(&w.ident);
-        let pinned = old.and_then(|p| {
-            let disabled = w.item.item_type == ItemType::Component
-                || w.image
-                    .manifests
-                    .iter()
-                    .any(|m| item_config(m).balancing_policy == BalancingPolicy::Disabled);
-            disabled.then(|| (p.node_id.clone(), p.runtime_id.clone()))
-        });
+        // Balancing disabled: an instance stays on its node and runtime (it fails there rather
+        // than moving) as long as that node is available; a node that is lost, paused or gone
+        // no longer holds it, and it is placed anew.
+        let pinned = old
+            .filter(|p| node_idx.contains_key(&p.node_id))
+            .and_then(|p| {
+                let disabled = w.item.item_type == ItemType::Component
+                    || w.image
+                        .manifests
+                        .iter()
+                        .any(|m| item_config(m).balancing_policy == BalancingPolicy::Disabled);
+                disabled.then(|| (p.node_id.clone(), p.runtime_id.clone()))
+            });
         let req = InstanceRequest {
             ident: w.ident.clone(),
             item_type: w.item.item_type,
@@ -283,7 +297,11 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             }
         };
         let node = &mut nodes[choice.node_idx];
-        node.charge(&choice.runtime.runtime_id, &choice.reservation, &cfg.resources);
+        node.charge(
+            &choice.runtime.runtime_id,
+            &choice.reservation,
+            &cfg.resources,
+        );
         placed.insert(
             w.ident.clone(),
             InstancePlacement {
@@ -358,23 +376,46 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             plan.condition(
                 format!("instance {}", w.ident),
                 "InstanceFailed",
-                r.error.clone().unwrap_or_else(|| "the node reports the instance failed".into()),
+                r.error
+                    .clone()
+                    .unwrap_or_else(|| "the node reports the instance failed".into()),
             );
         }
         let changed = allocs.instances.get(&w.ident) != Some(p);
-        if changed || !running_here {
-            let manifest = w.image.manifests.iter().find(|m| m.digest == p.manifest_digest);
+        // A service whose owner changed moves to another network: the node sets networking
+        // up at start, so the running instance is restarted to take its new address.
+        let network_moved = w.item.item_type == ItemType::Service
+            && running_here
+            && allocs
+                .instance_ips
+                .get(&w.ident)
+                .is_some_and(|a| a.network_id != w.item.owner_id);
+        if network_moved && let Some(r) = reported {
+            plan.actions.push(Action::StopInstance {
+                ident: w.ident.clone(),
+                node_id: r.node_id.clone(),
+                runtime_id: r.runtime_id.clone(),
+                reason: format!("network changed to {}", w.item.owner_id),
+            });
+        }
+        if changed || !running_here || network_moved {
+            let manifest = w
+                .image
+                .manifests
+                .iter()
+                .find(|m| m.digest == p.manifest_digest);
             let cfg = manifest.map(item_config).unwrap_or_default();
             let quotas = cfg.quotas;
-            plan.actions.push(Action::StartInstance(Box::new(InstanceStart {
-                placement: p.clone(),
-                item_type: w.item.item_type,
-                owner_id: w.item.owner_id.clone(),
-                priority: w.req.priority,
-                storage_quota: quotas.storage_limit.unwrap_or(0),
-                state_quota: quotas.state_limit.unwrap_or(0),
-                alert_rules: cfg.alert_rules.clone(),
-            })));
+            plan.actions
+                .push(Action::StartInstance(Box::new(InstanceStart {
+                    placement: p.clone(),
+                    item_type: w.item.item_type,
+                    owner_id: w.item.owner_id.clone(),
+                    priority: w.req.priority,
+                    storage_quota: quotas.storage_limit.unwrap_or(0),
+                    state_quota: quotas.state_limit.unwrap_or(0),
+                    alert_rules: cfg.alert_rules.clone(),
+                })));
         }
     }
 

@@ -7,6 +7,7 @@ pub mod instances;
 pub mod network;
 pub mod placement;
 pub mod project;
+pub mod runner;
 pub mod unitconfig;
 
 use crate::model::*;

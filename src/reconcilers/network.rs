@@ -25,7 +25,10 @@ pub fn pool() -> Vec<Ipv4Net> {
 pub fn free_subnet(used: &BTreeSet<Ipv4Net>, routes: &[Ipv4Net]) -> Option<Ipv4Net> {
     pool().into_iter().find(|s| {
         !used.iter().any(|u| u.overlaps(s))
-            && !routes.iter().filter(|r| r.prefix > 0).any(|r| r.overlaps(s))
+            && !routes
+                .iter()
+                .filter(|r| r.prefix > 0)
+                .any(|r| r.overlaps(s))
     })
 }
 
@@ -83,7 +86,10 @@ fn manifest_of<'a>(
 ) -> Option<&'a ManifestInfo> {
     let item = items.get(p.ident.item_id.as_str())?;
     let image = snap.catalogue.images.get(item.index_digest.as_ref()?)?;
-    image.manifests.iter().find(|m| m.digest == p.manifest_digest)
+    image
+        .manifests
+        .iter()
+        .find(|m| m.digest == p.manifest_digest)
 }
 
 pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
@@ -128,7 +134,9 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         used.entry(a.network_id.clone()).or_default().insert(a.ip);
     }
     for (id, n) in &allocs.networks {
-        used.entry(id.clone()).or_default().extend(n.hosts.values().copied());
+        used.entry(id.clone())
+            .or_default()
+            .extend(n.hosts.values().copied());
     }
     // The lowest free address only grows within a plan: one cursor per network.
     let mut cursors: BTreeMap<String, u32> = BTreeMap::new();
@@ -151,7 +159,9 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
 
     // Releases.
     for (ident, addr) in &allocs.instance_ips {
-        let keep = members.get(ident).is_some_and(|(net, _)| *net == addr.network_id);
+        let keep = members
+            .get(ident)
+            .is_some_and(|(net, _)| *net == addr.network_id);
         if !keep {
             plan.actions.push(Action::ReleaseInstanceIp {
                 ident: ident.clone(),
@@ -223,7 +233,11 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         }
         let subnet = net.subnet;
         let Some(ip) = next_ip(net_id, &subnet) else {
-            plan.condition(format!("network {net_id}"), "NoAddress", "the subnet is full");
+            plan.condition(
+                format!("network {net_id}"),
+                "NoAddress",
+                "the subnet is full",
+            );
             continue;
         };
         plan.actions.push(Action::AttachHost {
@@ -251,7 +265,11 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             None => match next_ip(net_id, &net.subnet) {
                 Some(ip) => ip,
                 None => {
-                    plan.condition(format!("instance {ident}"), "NoAddress", "the subnet is full");
+                    plan.condition(
+                        format!("instance {ident}"),
+                        "NoAddress",
+                        "the subnet is full",
+                    );
                     continue;
                 }
             },
@@ -302,7 +320,10 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             let dst = by_item.get(target).and_then(|targets| {
                 targets.iter().find(|(_, _, tp)| {
                     manifest_of(snap, &items, tp).is_some_and(|m| {
-                        m.image.exposed_ports.iter().any(|e| exposes(e, port, proto))
+                        m.image
+                            .exposed_ports
+                            .iter()
+                            .any(|e| exposes(e, port, proto))
                     })
                 })
             });

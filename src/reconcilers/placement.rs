@@ -67,7 +67,12 @@ impl NodeBudget {
         let resources = sm
             .resources
             .iter()
-            .map(|r| (r.name.clone(), (r.shared_count > 0).then_some(r.shared_count)))
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    (r.shared_count > 0).then_some(r.shared_count),
+                )
+            })
             .collect();
         NodeBudget {
             node_id: node.info.node_id.clone(),
@@ -95,7 +100,10 @@ impl NodeBudget {
                 *left = left.saturating_sub(1);
             }
         }
-        let idx = self.runtimes.iter().position(|r| r.runtime_id == runtime_id);
+        let idx = self
+            .runtimes
+            .iter()
+            .position(|r| r.runtime_id == runtime_id);
         if let Some(rb) = idx.and_then(|i| self.runtime_budgets.get_mut(i)) {
             rb.cpu_free = rb.cpu_free.map(|c| c.saturating_sub(r.cpu_dmips));
             rb.ram_free = rb.ram_free.map(|c| c.saturating_sub(r.ram));
@@ -232,7 +240,11 @@ pub fn static_candidates(
             None => reject(0, "NoNodes", "no connected, provisioned node".to_string()),
         });
     }
-    cands.retain(|&i| req.labels.iter().all(|l| nodes[i].config.labels.contains(l)));
+    cands.retain(|&i| {
+        req.labels
+            .iter()
+            .all(|l| nodes[i].config.labels.contains(l))
+    });
     if cands.is_empty() {
         return Err(reject(
             1,
@@ -240,7 +252,11 @@ pub fn static_candidates(
             format!("no node with label {}", req.labels.join(", ")),
         ));
     }
-    cands.retain(|&i| cfg.resources.iter().all(|n| nodes[i].resources.contains_key(n)));
+    cands.retain(|&i| {
+        cfg.resources
+            .iter()
+            .all(|n| nodes[i].resources.contains_key(n))
+    });
     if cands.is_empty() {
         return Err(no_resource(cfg));
     }
@@ -295,11 +311,18 @@ pub fn choose_from(
     let mut pairs: Vec<(usize, usize, Reservation)> = candidates
         .iter()
         .filter(|&&(i, _)| {
-            cfg.resources
-                .iter()
-                .all(|n| matches!(nodes[i].resources.get(n), Some(None)) || matches!(nodes[i].resources.get(n), Some(Some(left)) if *left > 0))
+            cfg.resources.iter().all(|n| {
+                matches!(nodes[i].resources.get(n), Some(None))
+                    || matches!(nodes[i].resources.get(n), Some(Some(left)) if *left > 0)
+            })
         })
-        .map(|&(i, r)| (i, r, reservation(item_type, cfg, &nodes[i].config.resource_ratios)))
+        .map(|&(i, r)| {
+            (
+                i,
+                r,
+                reservation(item_type, cfg, &nodes[i].config.resource_ratios),
+            )
+        })
         .collect();
     if pairs.is_empty() {
         return Err(no_resource(cfg));
@@ -322,11 +345,19 @@ pub fn choose_from(
         }
         pairs.retain(|&(i, _, need)| nodes[i].storage_free.is_none_or(|s| need.storage <= s));
         if pairs.is_empty() {
-            return Err(reject(7, "NoStorage", "not enough storage on any node".to_string()));
+            return Err(reject(
+                7,
+                "NoStorage",
+                "not enough storage on any node".to_string(),
+            ));
         }
         pairs.retain(|&(i, _, need)| nodes[i].state_free.is_none_or(|s| need.state <= s));
         if pairs.is_empty() {
-            return Err(reject(8, "NoState", "not enough state space on any node".to_string()));
+            return Err(reject(
+                8,
+                "NoState",
+                "not enough state space on any node".to_string(),
+            ));
         }
     }
     pairs.retain(|&(i, r, _)| nodes[i].runtime_budgets[r].instances_left > 0);

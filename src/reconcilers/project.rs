@@ -167,15 +167,14 @@ pub fn apply_as_unit(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
                 },
             );
         }
-        Action::StopInstance { ident, node_id, .. } => {
+        Action::StopInstance { ident, node_id, .. }
             if snap
                 .observed
                 .instances
                 .get(ident)
-                .is_some_and(|r| r.node_id == *node_id)
-            {
-                snap.observed.instances.remove(ident);
-            }
+                .is_some_and(|r| r.node_id == *node_id) =>
+        {
+            snap.observed.instances.remove(ident);
         }
         _ => {}
     }

@@ -50,10 +50,7 @@ pub struct Header {
 }
 
 /// Reads `{header, data}`; returns the header and the data object with its message type.
-pub fn envelope<'a>(
-    v: &'a Value,
-    probs: &mut Problems,
-) -> Option<(Header, Obj<'a>, String)> {
+pub fn envelope<'a>(v: &'a Value, probs: &mut Problems) -> Option<(Header, Obj<'a>, String)> {
     let root = json::obj(v, "$", probs)?;
     let header = match root.object("header", probs) {
         Some((p, hv)) => json::obj(hv, &p, probs).map(|h| {
@@ -96,10 +93,7 @@ pub fn envelope<'a>(
     let message_type = match data.string("messageType", probs) {
         Some(t) if MESSAGE_TYPES.contains(&t.as_str()) => Some(t),
         Some(t) => {
-            probs.push(
-                "data.messageType",
-                format!("unknown message type {t:?}"),
-            );
+            probs.push("data.messageType", format!("unknown message type {t:?}"));
             None
         }
         None => {
@@ -149,7 +143,10 @@ fn ident_id(o: &Obj<'_>, key: &str, probs: &mut Problems) -> Option<String> {
 
 fn limit(o: &Obj<'_>, key: &str, n: usize, max: usize, probs: &mut Problems) {
     if n > max {
-        probs.push(&o.path_of(key), format!("has {n} entries, at most {max} allowed"));
+        probs.push(
+            &o.path_of(key),
+            format!("has {n} entries, at most {max} allowed"),
+        );
     }
 }
 

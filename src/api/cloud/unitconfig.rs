@@ -1,6 +1,6 @@
 //! The v7 unit config JSON (in `desiredStatus.unitConfig` and in the `aos_unit.cfg` file).
 
-use super::{MAX_ID_LEN, MAX_LABELS, MAX_LABEL_LEN};
+use super::{MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS};
 use crate::api::json::{self, Obj, Problems};
 use crate::config::parse_duration;
 use crate::model::*;
