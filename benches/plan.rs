@@ -137,6 +137,18 @@ fn main() {
         }
     }
     let placed = converged.allocations.instances.len();
+    // For profiling one path: AOS_BENCH_PROFILE=instances|network loops it alone.
+    if let Ok(which) = std::env::var("AOS_BENCH_PROFILE") {
+        let kind = if which == "network" {
+            aos_cm::model::ReconcilerKind::Network
+        } else {
+            aos_cm::model::ReconcilerKind::Instances
+        };
+        for _ in 0..50 {
+            std::hint::black_box(plan_one(kind, &converged, 0));
+        }
+        return;
+    }
     let (t, n) = median(
         || reconcilers::instances::plan(&converged, 0).actions.len(),
         9,
@@ -144,6 +156,19 @@ fn main() {
     println!(
         "instances reconciler, converged unit ({placed} placements, {n} actions): median {:.1} ms",
         t.as_secs_f64() * 1e3
+    );
+    let mut total = Duration::ZERO;
+    for kind in aos_cm::model::ReconcilerKind::ALL {
+        let (t, _) = median(|| plan_one(kind, &converged, 0).actions.len(), 9);
+        total += t;
+        println!(
+            "  {kind} reconciler, converged unit: median {:.1} ms",
+            t.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "five reconcilers one after another (as the daemon plans), converged unit: {:.1} ms",
+        total.as_secs_f64() * 1e3
     );
     let (t, n) = median(
         || {
@@ -155,7 +180,7 @@ fn main() {
         9,
     );
     println!(
-        "all five reconcilers, converged unit ({n} actions): median {:.1} ms",
+        "dry run (five reconcilers chained, two rounds), converged unit ({n} actions): median {:.1} ms",
         t.as_secs_f64() * 1e3
     );
     let (t, n) = median(

@@ -6,7 +6,8 @@
 
 use super::placement::{self, InstanceRequest, NodeBudget};
 use crate::model::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// An instance the desired state asks for, with what placement needs to know about it.
 struct Wanted<'a> {
@@ -142,9 +143,15 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         .enumerate()
         .map(|(i, n)| (n.node_id.clone(), i))
         .collect();
-    let mut placed: BTreeMap<InstanceIdent, InstancePlacement> = BTreeMap::new();
+    // Lookups by identity are hashed: at 10,000 instances ordered-map searches dominate.
+    // Kept placements are borrowed from the snapshot; only new ones are built.
+    let mut placed: HashMap<&InstanceIdent, Cow<'_, InstancePlacement>> = HashMap::new();
+    let stored: HashMap<&InstanceIdent, &InstancePlacement> = allocs.instances.iter().collect();
+    let reported_by: HashMap<&InstanceIdent, &ReportedInstance> =
+        snap.observed.instances.iter().collect();
+    let mut configs: BTreeMap<(usize, usize), ItemConfig> = BTreeMap::new();
     for w in &wanted {
-        let Some(p) = allocs.instances.get(&w.ident) else {
+        let Some(p) = stored.get(&w.ident).copied() else {
             continue;
         };
         let Some(&i) = node_idx.get(p.node_id.as_str()) else {
@@ -161,21 +168,28 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         if p.version != w.item.version {
             continue;
         }
-        let cfg = item_config(m);
+        let mi = w
+            .image
+            .manifests
+            .iter()
+            .position(|x| x.digest == m.digest)
+            .unwrap_or(0);
+        let cfg = configs
+            .entry((w.req_idx, mi))
+            .or_insert_with(|| item_config(m));
         let req = InstanceRequest {
-            ident: w.ident.clone(),
             item_type: w.item.item_type,
             labels: &w.req.labels,
-            pinned: Some((p.node_id.clone(), p.runtime_id.clone())),
+            pinned: Some((p.node_id.as_str(), p.runtime_id.as_str())),
         };
         // Still valid where it is? The same chain, over its own node only.
         let here = std::slice::from_ref(&nodes[i]);
-        let fits = placement::static_candidates(&req, m, &cfg, here)
-            .and_then(|c| placement::choose_from(w.item.item_type, &cfg, here, &c))
+        let fits = placement::static_candidates(&req, m, cfg, here)
+            .and_then(|c| placement::choose_from(w.item.item_type, cfg, here, &c))
             .is_ok();
         if fits {
             nodes[i].charge(&p.runtime_id, &p.requested, &cfg.resources);
-            placed.insert(w.ident.clone(), p.clone());
+            placed.insert(&w.ident, Cow::Borrowed(p));
         }
     }
 
@@ -193,7 +207,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         if placed.contains_key(&w.ident) {
             continue;
         }
-        let old = allocs.instances.get(&w.ident);
+        let old = stored.get(&w.ident).copied();
         // Balancing disabled: an instance stays on its node and runtime (it fails there rather
         // than moving) as long as that node is available; a node that is lost, paused or gone
         // no longer holds it, and it is placed anew.
@@ -205,10 +219,9 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                         .manifests
                         .iter()
                         .any(|m| item_config(m).balancing_policy == BalancingPolicy::Disabled);
-                disabled.then(|| (p.node_id.clone(), p.runtime_id.clone()))
+                disabled.then_some((p.node_id.as_str(), p.runtime_id.as_str()))
             });
         let req = InstanceRequest {
-            ident: w.ident.clone(),
             item_type: w.item.item_type,
             labels: &w.req.labels,
             pinned,
@@ -303,8 +316,8 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             &cfg.resources,
         );
         placed.insert(
-            w.ident.clone(),
-            InstancePlacement {
+            &w.ident,
+            Cow::Owned(InstancePlacement {
                 ident: w.ident.clone(),
                 node_id: node.node_id.clone(),
                 runtime_id: choice.runtime.runtime_id.clone(),
@@ -314,11 +327,11 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                 uid,
                 gid,
                 requested: choice.reservation,
-            },
+            }),
         );
     }
 
-    let wanted_idents: BTreeSet<&InstanceIdent> = wanted.iter().map(|w| &w.ident).collect();
+    let wanted_idents: HashSet<&InstanceIdent> = wanted.iter().map(|w| &w.ident).collect();
     let firmware = firmware_requests(desired);
 
     // 4. Stops: reported instances that run where they should not.
@@ -363,7 +376,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         let Some(p) = placed.get(&w.ident) else {
             continue;
         };
-        let reported = snap.observed.instances.get(&w.ident);
+        let reported = reported_by.get(&w.ident).copied();
         let running_here = reported.is_some_and(|r| {
             r.node_id == p.node_id
                 && r.runtime_id == p.runtime_id
@@ -381,7 +394,10 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                     .unwrap_or_else(|| "the node reports the instance failed".into()),
             );
         }
-        let changed = allocs.instances.get(&w.ident) != Some(p);
+        let changed = match p {
+            Cow::Borrowed(_) => false, // kept as stored
+            Cow::Owned(new) => stored.get(&w.ident).copied() != Some(new),
+        };
         // A service whose owner changed moves to another network: the node sets networking
         // up at start, so the running instance is restarted to take its new address.
         let network_moved = w.item.item_type == ItemType::Service
@@ -408,7 +424,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             let quotas = cfg.quotas;
             plan.actions
                 .push(Action::StartInstance(Box::new(InstanceStart {
-                    placement: p.clone(),
+                    placement: p.as_ref().clone(),
                     item_type: w.item.item_type,
                     owner_id: w.item.owner_id.clone(),
                     priority: w.req.priority,
@@ -428,9 +444,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             continue;
         }
         let still_desired = wanted_idents.contains(ident);
-        let running = snap
-            .observed
-            .instances
+        let running = reported_by
             .get(ident)
             .is_some_and(|r| r.state != InstanceState::Inactive);
         if !still_desired && !running {

@@ -5,7 +5,7 @@
 
 use crate::model::*;
 use core::net::Ipv4Addr;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// The pool: /16 subnets from 172.17.0.0 to 172.31.255.255.
 pub const POOL_FIRST: [u8; 2] = [172, 17];
@@ -126,7 +126,8 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
 
     // Working copy of the allocations, updated as the plan proposes new ones.
     let mut nets = allocs.networks.clone();
-    let mut ips = allocs.instance_ips.clone();
+    // Addresses after this plan, by instance: the stored ones minus releases plus new ones.
+    let mut ips: HashMap<&InstanceIdent, InstanceAddress> = HashMap::new();
     // Addresses taken per network, including those released by this plan: an address is
     // handed out again only by a later plan, once its release is committed.
     let mut used: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
@@ -166,7 +167,6 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             plan.actions.push(Action::ReleaseInstanceIp {
                 ident: ident.clone(),
             });
-            ips.remove(ident);
         }
     }
     for (net_id, net) in &allocs.networks {
@@ -258,9 +258,15 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         let hostname = manifest_of(snap, &items, p)
             .and_then(|m| m.item_config.as_ref())
             .and_then(|c| c.hostname.clone());
-        let current = ips.get(*ident).cloned();
-        let ip = match &current {
-            Some(a) if a.node_id == p.node_id => continue,
+        let current = allocs
+            .instance_ips
+            .get(*ident)
+            .filter(|a| a.network_id == *net_id);
+        let ip = match current {
+            Some(a) if a.node_id == p.node_id => {
+                ips.insert(*ident, a.clone());
+                continue;
+            }
             Some(a) => a.ip,
             None => match next_ip(net_id, &net.subnet) {
                 Some(ip) => ip,
@@ -282,7 +288,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             dns_names: dns_names(ident, net_id, hostname.as_deref()),
         });
         ips.insert(
-            (*ident).clone(),
+            *ident,
             InstanceAddress {
                 network_id: (*net_id).to_string(),
                 node_id: p.node_id.clone(),
@@ -301,7 +307,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             .push((ident, net, p));
     }
     for (ident, (net_id, p)) in &members {
-        let Some(src) = ips.get(*ident) else {
+        let Some(src) = ips.get(ident) else {
             continue;
         };
         let Some(cfg) = manifest_of(snap, &items, p).and_then(|m| m.item_config.as_ref()) else {
@@ -332,7 +338,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                     if t_net == net_id {
                         continue; // same subnet: no rule needed
                     }
-                    if let Some(dst_addr) = ips.get(*t) {
+                    if let Some(dst_addr) = ips.get(t) {
                         rules.push(FirewallRule {
                             src_ip: src.ip,
                             dst_ip: dst_addr.ip,

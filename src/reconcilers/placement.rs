@@ -115,11 +115,10 @@ impl NodeBudget {
 /// What one instance asks for, independent of the node.
 #[derive(Debug, Clone)]
 pub struct InstanceRequest<'a> {
-    pub ident: InstanceIdent,
     pub item_type: ItemType,
     pub labels: &'a [String],
     /// When set, only this node and runtime qualify.
-    pub pinned: Option<(NodeId, RuntimeId)>,
+    pub pinned: Option<(&'a str, &'a str)>,
 }
 
 /// The reservation an instance makes on a node, given the node's resource ratios.
@@ -302,84 +301,51 @@ fn no_resource(cfg: &ItemConfig) -> Rejection {
 
 /// Runs the filters that depend on what is already placed (free shares of resources, CPU,
 /// RAM, storage, state, instance count) over the static candidates, and picks the best.
+///
+/// One pass without allocation: each candidate either passes every filter and competes for
+/// best, or fails at some filter. When none passes, the filter that emptied the list is the
+/// furthest one any candidate reached, which is what the sequential chain would report.
 pub fn choose_from(
     item_type: ItemType,
     cfg: &ItemConfig,
     nodes: &[NodeBudget],
     candidates: &[(usize, usize)],
 ) -> Result<Choice, Rejection> {
-    let mut pairs: Vec<(usize, usize, Reservation)> = candidates
-        .iter()
-        .filter(|&&(i, _)| {
-            cfg.resources.iter().all(|n| {
-                matches!(nodes[i].resources.get(n), Some(None))
-                    || matches!(nodes[i].resources.get(n), Some(Some(left)) if *left > 0)
-            })
-        })
-        .map(|&(i, r)| {
-            (
-                i,
-                r,
-                reservation(item_type, cfg, &nodes[i].config.resource_ratios),
-            )
-        })
-        .collect();
-    if pairs.is_empty() {
-        return Err(no_resource(cfg));
-    }
     let accounted = item_type != ItemType::Component && !cfg.skip_resource_limits;
-    if accounted {
-        pairs.retain(|&(i, r, need)| {
-            let rt = &nodes[i].runtime_budgets[r];
-            need.cpu_dmips <= nodes[i].cpu_free && rt.cpu_free.is_none_or(|c| need.cpu_dmips <= c)
-        });
-        if pairs.is_empty() {
-            return Err(reject(5, "NoCpu", "not enough CPU on any node".to_string()));
+    let mut furthest = 0u8;
+    let mut best: Option<(usize, usize, Reservation)> = None;
+    let mut last_node = usize::MAX;
+    let mut need = Reservation::default();
+    for &(i, r) in candidates {
+        let node = &nodes[i];
+        if i != last_node {
+            // Candidates come grouped by node; the reservation depends on the node only.
+            need = reservation(item_type, cfg, &node.config.resource_ratios);
+            last_node = i;
         }
-        pairs.retain(|&(i, r, need)| {
-            let rt = &nodes[i].runtime_budgets[r];
-            need.ram <= nodes[i].ram_free && rt.ram_free.is_none_or(|c| need.ram <= c)
-        });
-        if pairs.is_empty() {
-            return Err(reject(6, "NoRam", "not enough RAM on any node".to_string()));
+        let stage = failing_stage(cfg, node, r, &need, accounted);
+        if stage < PASSED {
+            furthest = furthest.max(stage);
+            continue;
         }
-        pairs.retain(|&(i, _, need)| nodes[i].storage_free.is_none_or(|s| need.storage <= s));
-        if pairs.is_empty() {
-            return Err(reject(
-                7,
-                "NoStorage",
-                "not enough storage on any node".to_string(),
-            ));
-        }
-        pairs.retain(|&(i, _, need)| nodes[i].state_free.is_none_or(|s| need.state <= s));
-        if pairs.is_empty() {
-            return Err(reject(
-                8,
-                "NoState",
-                "not enough state space on any node".to_string(),
-            ));
+        let better = match best {
+            None => true,
+            Some((b, rb, _)) => {
+                let nb = &nodes[b];
+                node.config
+                    .priority
+                    .cmp(&nb.config.priority)
+                    .then_with(|| node.cpu_free.cmp(&nb.cpu_free))
+                    .then_with(|| node.ram_free.cmp(&nb.ram_free))
+                    .then_with(|| nb.node_id.cmp(&node.node_id))
+                    .then_with(|| rb.cmp(&r))
+                    .is_gt()
+            }
+        };
+        if better {
+            best = Some((i, r, need));
         }
     }
-    pairs.retain(|&(i, r, _)| nodes[i].runtime_budgets[r].instances_left > 0);
-    if pairs.is_empty() {
-        return Err(reject(
-            9,
-            "RuntimeFull",
-            "every suitable runtime runs its maximum number of instances".to_string(),
-        ));
-    }
-    // Best node: highest priority, then most free CPU, then RAM, then node ID; runtimes are
-    // sorted by type on each node, so the lowest runtime index of the best node is the one.
-    let best = pairs.iter().copied().min_by(|&(a, ra, _), &(b, rb, _)| {
-        let (na, nb) = (&nodes[a], &nodes[b]);
-        nb.config
-            .priority
-            .cmp(&na.config.priority)
-            .then_with(|| nb.cpu_free.cmp(&na.cpu_free))
-            .then_with(|| nb.ram_free.cmp(&na.ram_free))
-            .then_with(|| na.node_id.cmp(&nb.node_id))
-            .then_with(|| ra.cmp(&rb))
-    });
     match best {
         Some((i, r, need)) => Ok(Choice {
             node_idx: i,
@@ -387,8 +353,64 @@ pub fn choose_from(
             runtime: nodes[i].runtimes[r].clone(),
             reservation: need,
         }),
-        None => Err(reject(10, "NoNodes", "no candidate left".to_string())),
+        None => Err(match furthest {
+            2 => no_resource(cfg),
+            5 => reject(5, "NoCpu", "not enough CPU on any node".to_string()),
+            6 => reject(6, "NoRam", "not enough RAM on any node".to_string()),
+            7 => reject(7, "NoStorage", "not enough storage on any node".to_string()),
+            8 => reject(
+                8,
+                "NoState",
+                "not enough state space on any node".to_string(),
+            ),
+            9 => reject(
+                9,
+                "RuntimeFull",
+                "every suitable runtime runs its maximum number of instances".to_string(),
+            ),
+            _ => reject(10, "NoNodes", "no candidate left".to_string()),
+        }),
     }
+}
+
+/// Stage past every filter.
+const PASSED: u8 = u8::MAX;
+
+/// The first dynamic filter a (node, runtime) pair fails, by stage number, or `PASSED`.
+fn failing_stage(
+    cfg: &ItemConfig,
+    node: &NodeBudget,
+    r: usize,
+    need: &Reservation,
+    accounted: bool,
+) -> u8 {
+    let free_share = |n: &String| match node.resources.get(n) {
+        Some(None) => true,
+        Some(Some(left)) => *left > 0,
+        None => false,
+    };
+    if !cfg.resources.iter().all(free_share) {
+        return 2;
+    }
+    let rt = &node.runtime_budgets[r];
+    if accounted {
+        if need.cpu_dmips > node.cpu_free || rt.cpu_free.is_some_and(|c| need.cpu_dmips > c) {
+            return 5;
+        }
+        if need.ram > node.ram_free || rt.ram_free.is_some_and(|c| need.ram > c) {
+            return 6;
+        }
+        if node.storage_free.is_some_and(|s| need.storage > s) {
+            return 7;
+        }
+        if node.state_free.is_some_and(|s| need.state > s) {
+            return 8;
+        }
+    }
+    if rt.instances_left == 0 {
+        return 9;
+    }
+    PASSED
 }
 
 /// The whole filter chain for one manifest over every node.
