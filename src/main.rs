@@ -34,7 +34,12 @@ enum Command {
     /// Exit status: 0 when planned, 2 when the input is invalid, 1 on other errors.
     Plan {
         /// Scenario folder, e.g. examples/desired-states/fresh-install
-        scenario: PathBuf,
+        #[arg(required_unless_present = "store")]
+        scenario: Option<PathBuf>,
+        /// Plan against a daemon's store instead: its working directory (holding cm.redb) or
+        /// the store file itself
+        #[arg(long, conflicts_with = "scenario")]
+        store: Option<PathBuf>,
         /// Print the plan as JSON instead of text
         #[arg(long)]
         json: bool,
@@ -65,7 +70,15 @@ const EXIT_INVALID: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Plan { scenario, json } => plan(&scenario, json),
+        Command::Plan {
+            scenario,
+            store,
+            json,
+        } => match (scenario, store) {
+            (_, Some(store)) => plan_store(&store, json),
+            (Some(scenario), None) => plan(&scenario, json),
+            (None, None) => Err(anyhow::anyhow!("give a scenario folder or --store")),
+        },
         Command::Validate { file, kind } => validate(&file, kind),
     };
     match result {
@@ -95,6 +108,39 @@ fn plan(dir: &std::path::Path, as_json: bool) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", render::plan_text(&plans));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_plans(plans: &[aos_cm::model::Plan], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&render::plan_json(plans))?
+        );
+    } else {
+        print!("{}", render::plan_text(plans));
+    }
+    Ok(())
+}
+
+fn plan_store(path: &std::path::Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let file = if path.is_dir() {
+        path.join("cm.redb")
+    } else {
+        path.to_path_buf()
+    };
+    if !file.exists() {
+        anyhow::bail!("{}: no store there", file.display());
+    }
+    let store = aos_cm::store::Store::open(&file).with_context(|| file.display().to_string())?;
+    let snap = store
+        .snapshot()
+        .with_context(|| format!("{}: reading the store", file.display()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    print_plans(&reconcilers::plan_all(&snap, now), as_json)?;
     Ok(ExitCode::SUCCESS)
 }
 

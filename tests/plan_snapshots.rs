@@ -105,3 +105,35 @@ fn plan_reports_missing_files_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("desired.json: missing"), "{err}");
 }
+
+#[test]
+fn plan_against_a_store_matches_the_scenario_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario_dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/desired-states/fresh-install");
+    let sc = scenario::load(&scenario_dir).unwrap();
+    {
+        let store = aos_cm::store::Store::open(&dir.path().join("cm.redb")).unwrap();
+        store.write(|tx| tx.set_snapshot(&sc.snapshot)).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_aos-cm");
+    let out = std::process::Command::new(bin)
+        .args(["plan", "--store"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), check(&scenario_dir));
+
+    let missing = std::process::Command::new(bin)
+        .args(["plan", "--store", "/nonexistent-aos-cm-store"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no store there"));
+}
