@@ -4,3 +4,4 @@
 pub mod cloud;
 pub mod json;
 pub mod nodes;
+pub mod proto;

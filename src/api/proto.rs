@@ -1,0 +1,16 @@
+//! Generated protobuf and gRPC code, in modules that mirror the proto packages (the generated
+//! code refers to other packages by relative paths).
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+pub mod common {
+    pub mod v2 {
+        tonic::include_proto!("common.v2");
+    }
+}
+
+pub mod servicemanager {
+    pub mod v5 {
+        tonic::include_proto!("servicemanager.v5");
+    }
+}
