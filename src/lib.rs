@@ -4,9 +4,11 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod executor;
 pub mod imagestore;
 pub mod model;
 pub mod reconcilers;
 pub mod render;
 pub mod scenario;
+pub mod sim;
 pub mod store;

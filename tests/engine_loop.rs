@@ -23,8 +23,10 @@ struct UnitExecutor {
 }
 
 impl Executor<Action> for UnitExecutor {
-    fn execute(&self, action: Action) -> ExecFuture {
-        let key = action.key();
+    fn execute(&self, batch: Vec<Action>) -> ExecFuture {
+        let Some(key) = batch.first().map(Action::key) else {
+            return Box::pin(async { Ok(()) });
+        };
         self.log.lock().unwrap().push(key.clone());
         if key == self.fail_key {
             let mut left = self.fail_times.lock().unwrap();
@@ -34,10 +36,12 @@ impl Executor<Action> for UnitExecutor {
             }
         }
         let result = self.store.write(|tx| {
-            tx.apply(&action, 0)?;
-            // What the nodes would report back.
             let mut world = tx.snapshot()?;
-            project::apply_as_unit(&mut world, &action, 0);
+            for action in &batch {
+                tx.apply(action, 0)?;
+                // What the nodes would report back.
+                project::apply_as_unit(&mut world, action, 0);
+            }
             tx.set_snapshot(&world)
         });
         Box::pin(async move { result.map_err(|e| e.to_string()) })

@@ -5,3 +5,4 @@ pub mod cloud;
 pub mod json;
 pub mod nodes;
 pub mod proto;
+pub mod sm;

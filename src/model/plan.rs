@@ -155,10 +155,10 @@ impl Action {
             }
             | Action::RemoveItem { item_id, version }
             | Action::DeleteItem { item_id, version } => format!("item/{item_id}/{version}"),
-            Action::StartInstance(s) => format!("instance/{}", s.placement.ident),
-            Action::StopInstance { ident, .. } | Action::ReleaseInstance { ident } => {
-                format!("instance/{ident}")
-            }
+            // Starts and stops of one node go out together, in one UpdateInstances.
+            Action::StartInstance(s) => format!("node/{}", s.placement.node_id),
+            Action::StopInstance { node_id, .. } => format!("node/{node_id}"),
+            Action::ReleaseInstance { ident } => format!("instance/{ident}"),
             Action::AllocateNetwork { network_id, .. } | Action::ReleaseNetwork { network_id } => {
                 format!("network/{network_id}")
             }

@@ -42,7 +42,9 @@ pub type ExecFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// Carries actions out through the edges (SM, image store, DNS, cloud).
 pub trait Executor<A>: Send + Sync + 'static {
-    fn execute(&self, action: A) -> ExecFuture;
+    /// Carries out every action one plan gave under one key, in plan order, as one execution
+    /// (for example all starts and stops of one node, sent in one message).
+    fn execute(&self, batch: Vec<A>) -> ExecFuture;
 }
 
 /// Where outcomes go (the integrator writes them to the store as conditions).
@@ -367,18 +369,28 @@ impl<A: RunnerAction> LoopState<A> {
         };
         debug!(reconciler = name, actions = actions.len(), "planned");
 
-        let mut planned = BTreeSet::new();
+        // Actions that share a key form one batch, executed together, in plan order; keys in
+        // the order of their first action.
+        let mut order: Vec<String> = Vec::new();
+        let mut batches: HashMap<String, Vec<A>> = HashMap::new();
         for action in actions {
             let key = action.key();
-            // A plan that names a key twice gets one execution, from its first action.
-            if planned.insert(key.clone()) {
-                self.consider(idx, key, action, now);
+            let batch = batches.entry(key.clone()).or_default();
+            if batch.is_empty() {
+                order.push(key);
+            }
+            batch.push(action);
+        }
+        let planned: BTreeSet<String> = order.iter().cloned().collect();
+        for key in order {
+            if let Some(batch) = batches.remove(&key) {
+                self.consider(idx, key, batch, now);
             }
         }
         self.release_unplanned(idx, &planned);
     }
 
-    fn consider(&mut self, idx: usize, key: String, action: A, now: Instant) {
+    fn consider(&mut self, idx: usize, key: String, action: Vec<A>, now: Instant) {
         let name = self.reconcilers[idx].name;
         let state = self.keys.entry(key.clone()).or_default();
         if state.running.is_some() {
@@ -639,6 +651,7 @@ mod tests {
         running_total: u32,
         max_running_total: u32,
         attempts: HashMap<String, u32>,
+        batch_sizes: Vec<(String, usize)>,
     }
 
     type Shared = Arc<Mutex<World>>;
@@ -646,9 +659,17 @@ mod tests {
     struct RecordingExecutor(Shared);
 
     impl Executor<TestAction> for RecordingExecutor {
-        fn execute(&self, action: TestAction) -> ExecFuture {
+        fn execute(&self, batch: Vec<TestAction>) -> ExecFuture {
             let world = Arc::clone(&self.0);
             Box::pin(async move {
+                let Some(action) = batch.first().cloned() else {
+                    return Ok(());
+                };
+                world
+                    .lock()
+                    .unwrap()
+                    .batch_sizes
+                    .push((action.0.clone(), batch.len()));
                 let key = action.0;
                 let duration = {
                     let mut w = world.lock().unwrap();
@@ -970,6 +991,34 @@ mod tests {
         let starts = h.starts("slow");
         assert_eq!(starts, [0, 10, 20, 30].map(Duration::from_secs));
         assert_eq!(h.world.lock().unwrap().max_running_per_key["slow"], 1);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn actions_sharing_a_key_run_as_one_batch() {
+        let world = world(&["node-a", "other"]);
+        // A planner that names "node-a" three times in one plan (three instances of one node)
+        // and "other" once; a key leaves the plan once it succeeded.
+        let w2 = Arc::clone(&world);
+        let rec = Reconciler::new("r", vec!["t"], move || {
+            let w = w2.lock().unwrap();
+            let mut out = Vec::new();
+            for k in &w.pending {
+                let n = if k == "node-a" { 3 } else { 1 };
+                out.extend(std::iter::repeat_n(TestAction(k.clone()), n));
+            }
+            out
+        });
+        let h = Harness::start(Arc::clone(&world), vec![rec], no_jitter());
+        h.until(0.5).await;
+        let sizes = h.world.lock().unwrap().batch_sizes.clone();
+        assert!(sizes.contains(&("node-a".to_string(), 3)), "{sizes:?}");
+        assert!(sizes.contains(&("other".to_string(), 1)), "{sizes:?}");
+        assert_eq!(
+            h.starts("node-a").len(),
+            1,
+            "one execution for the whole batch"
+        );
         h.stop().await;
     }
 

@@ -161,10 +161,35 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        self.write_with(true, f)
+    }
+
+    /// Like `write`, for observed state that the nodes report again after a restart (instance
+    /// statuses, monitoring): committed without an fsync. It is as consistent as any commit and
+    /// visible at once; a crash may lose it back to the last durable commit, which is harmless
+    /// because the nodes resend it when they reconnect. Never use it for desired state or
+    /// allocations.
+    pub fn write_observed<R>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.write_with(false, f)
+    }
+
+    fn write_with<R>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         let mut txn = self.db.begin_write()?;
-        // Saves the allocator state with each commit so that reopening after a crash does not
-        // walk the whole file; commits stay durable (the default `Immediate`).
-        txn.set_quick_repair(true);
+        if durable {
+            // Saves the allocator state with each commit so that reopening after a crash does
+            // not walk the whole file; commits stay durable (the default `Immediate`).
+            txn.set_quick_repair(true);
+        } else {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Db(redb::Error::from(e)))?;
+        }
         let mut tx = Tx::new(&txn);
         // On error `txn` is dropped uncommitted, which aborts it.
         let result = f(&mut tx)?;

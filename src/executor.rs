@@ -1,0 +1,216 @@
+//! The executor the daemon hands the runner: it carries each batch of actions out through the
+//! edge that owns it and records the outcome in the store.
+//!
+//! - Starts and stops of one node: the placements are committed first (an allocation is durable
+//!   before anyone hears of it), then one `UpdateInstances` goes to the node with every
+//!   instance placed there (as upstream does) and the stops, and the batch succeeds once the
+//!   node has reported each of them.
+//! - Node configs: CheckNodeConfig, then SetNodeConfig, each answered by NodeConfigStatus.
+//! - Allocations, item states and the unit config: store writes.
+//! - Downloads and node pause/resume need the image store and the IAM client; until those are
+//!   wired, such actions fail with a message that says so (and stay visible as conditions).
+
+use crate::api::proto::common::v2 as pbc;
+use crate::api::sm::SmController;
+use crate::api::sm::convert::{self, InstancePaths};
+use crate::engine::Clock;
+use crate::model::*;
+use crate::reconcilers::runner::{ExecFuture, Executor};
+use crate::store::Store;
+use std::sync::Arc;
+
+pub struct UnitExecutor {
+    pub store: Arc<Store>,
+    pub sm: SmController,
+    pub clock: Clock,
+}
+
+impl Executor<Action> for UnitExecutor {
+    fn execute(&self, batch: Vec<Action>) -> ExecFuture {
+        let store = self.store.clone();
+        let sm = self.sm.clone();
+        let now = (self.clock)();
+        Box::pin(async move { run_batch(&store, &sm, batch, now).await })
+    }
+}
+
+async fn run_batch(
+    store: &Arc<Store>,
+    sm: &SmController,
+    batch: Vec<Action>,
+    now: UnixMillis,
+) -> Result<(), String> {
+    let Some(first) = batch.first() else {
+        return Ok(());
+    };
+    match first {
+        Action::StartInstance(_) | Action::StopInstance { .. } => {
+            update_node(store, sm, &batch).await
+        }
+        Action::PushNodeConfig { .. } => {
+            for a in &batch {
+                if let Action::PushNodeConfig { node_id, .. } = a {
+                    push_node_config(store, sm, node_id).await?;
+                }
+            }
+            Ok(())
+        }
+        Action::DownloadBlob { digest, .. } => Err(format!(
+            "cannot download {digest}: this daemon has no image store yet"
+        )),
+        Action::SetNodeState { node_id, state } => Err(format!(
+            "cannot {} node {node_id}: no IAM client is configured",
+            match state {
+                DesiredNodeState::Paused => "pause",
+                DesiredNodeState::Provisioned => "resume",
+            }
+        )),
+        _ => store
+            .write(|tx| {
+                for a in &batch {
+                    tx.apply(a, now)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string()),
+    }
+}
+
+async fn update_node(
+    store: &Arc<Store>,
+    sm: &SmController,
+    batch: &[Action],
+) -> Result<(), String> {
+    let mut node = String::new();
+    let mut stops: Vec<pbc::InstanceIdent> = Vec::new();
+    let mut expect: Vec<(InstanceIdent, String)> = Vec::new();
+    let mut starts: Vec<&InstanceStart> = Vec::new();
+    for a in batch {
+        match a {
+            Action::StartInstance(s) => {
+                node = s.placement.node_id.clone();
+                expect.push((s.placement.ident.clone(), s.placement.version.clone()));
+                starts.push(s);
+            }
+            Action::StopInstance { ident, node_id, .. } => {
+                node = node_id.clone();
+                let desired = store.read(|r| r.desired()).map_err(|e| e.to_string())?;
+                let item_type = desired
+                    .as_ref()
+                    .and_then(|d| d.item(&ident.item_id))
+                    .map(|i| i.item_type)
+                    .unwrap_or(ItemType::Service);
+                stops.push(convert::ident_to_pb(ident, item_type, false));
+            }
+            _ => {}
+        }
+    }
+    // Allocations first, durably: the placement and the item's GID are recorded before the
+    // node hears of them.
+    store
+        .write(|tx| {
+            for s in &starts {
+                let p = &s.placement;
+                if p.gid != 0 && tx.gid(&p.ident.item_id)?.is_none() {
+                    tx.set_gid(&p.ident.item_id, p.gid)?;
+                }
+                tx.put_placement(p)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+
+    // Everything placed on the node, as upstream sends it; the batch's own starts carry the
+    // freshest details (priority, quotas, alert rules).
+    let snap = store.read(|r| Ok((r.placements()?, r.desired()?, r.catalogue()?)));
+    let (placements, desired, catalogue) = snap.map_err(|e| e.to_string())?;
+    let cfg = sm.config();
+    let paths = InstancePaths {
+        storage_dir: &cfg.storage_dir,
+        state_dir: &cfg.state_dir,
+    };
+    let mut infos = Vec::new();
+    let stopped: std::collections::BTreeSet<InstanceIdent> =
+        stops.iter().map(convert::ident_from_pb).collect();
+    for p in placements.values().filter(|p| p.node_id == node) {
+        if stopped.contains(&p.ident) {
+            continue;
+        }
+        let start = match starts.iter().find(|s| s.placement.ident == p.ident) {
+            Some(s) => (*s).clone(),
+            None => match start_of(p, desired.as_ref(), &catalogue) {
+                Some(s) => s,
+                None => continue, // no longer desired: its stop is on its way
+            },
+        };
+        infos.push(convert::instance_info(&start, &paths));
+    }
+    sm.update_instances(&node, infos, stops, &expect)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Rebuilds what an SM needs to run an already placed instance.
+fn start_of(
+    p: &InstancePlacement,
+    desired: Option<&DesiredState>,
+    catalogue: &Catalogue,
+) -> Option<InstanceStart> {
+    let desired = desired?;
+    let item = desired.item(&p.ident.item_id)?;
+    let req = desired
+        .instances
+        .iter()
+        .find(|r| r.item_id == p.ident.item_id && r.subject_id == p.ident.subject_id)?;
+    let cfg = item
+        .index_digest
+        .as_ref()
+        .and_then(|d| catalogue.images.get(d))
+        .and_then(|i| i.manifests.iter().find(|m| m.digest == p.manifest_digest))
+        .and_then(|m| m.item_config.clone())
+        .unwrap_or_default();
+    Some(InstanceStart {
+        placement: p.clone(),
+        item_type: item.item_type,
+        owner_id: item.owner_id.clone(),
+        priority: req.priority,
+        storage_quota: cfg.quotas.storage_limit.unwrap_or(0),
+        state_quota: cfg.quotas.state_limit.unwrap_or(0),
+        alert_rules: cfg.alert_rules,
+    })
+}
+
+async fn push_node_config(
+    store: &Arc<Store>,
+    sm: &SmController,
+    node_id: &str,
+) -> Result<(), String> {
+    let (status, node) = store
+        .read(|r| Ok((r.unit_config_status()?, r.node(node_id)?)))
+        .map_err(|e| e.to_string())?;
+    let (Some(uc), Some(node)) = (status.config, node) else {
+        return Err(format!("no installed unit config or no node {node_id}"));
+    };
+    let cfg = uc.node_config(node_id, &node.info.node_type);
+    let json = convert::node_config_json(&cfg);
+    let version = uc.version.to_string();
+    let check = sm
+        .check_node_config(node_id, &json, &version)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(err) = convert::error_from_pb(check.error.as_ref()) {
+        return Err(format!(
+            "node {node_id} rejected node config {version}: {err}"
+        ));
+    }
+    let set = sm
+        .set_node_config(node_id, &json, &version)
+        .await
+        .map_err(|e| e.to_string())?;
+    match convert::error_from_pb(set.error.as_ref()) {
+        Some(err) => Err(format!(
+            "node {node_id} failed to apply node config {version}: {err}"
+        )),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,4 @@
+//! Simulated peers over real sockets, for tests, benchmarks and the demo: a Service Manager
+//! that registers as a node and runs instances in memory.
+
+pub mod sm;
