@@ -52,6 +52,8 @@ pub struct SimState {
     pub starts: BTreeMap<InstanceIdent, u32>,
     /// Errors the stream ended with.
     pub stream_errors: Vec<String>,
+    /// Woken on every received message.
+    pub notify: Arc<tokio::sync::Notify>,
 }
 
 pub struct SimSm {
@@ -170,6 +172,18 @@ impl SimSm {
         }
     }
 
+    /// Waits until a message of this kind (e.g. "UpdateInstances") has been received.
+    pub async fn wait_received(&self, kind: &str) {
+        loop {
+            let notify = lock(&self.state).notify.clone();
+            let notified = notify.notified();
+            if lock(&self.state).received.iter().any(|k| k == kind) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Waits until the stream has ended (closed by the server or by an error).
     pub async fn wait_closed(&mut self) {
         if let Some(t) = self.task.take() {
@@ -211,7 +225,12 @@ async fn handle(
         In::GetAverageMonitoring(_) => "GetAverageMonitoring",
         In::ConnectionStatus(_) => "ConnectionStatus",
     };
-    lock(state).received.push(kind.to_string());
+    let notify = {
+        let mut st = lock(state);
+        st.received.push(kind.to_string());
+        st.notify.clone()
+    };
+    notify.notify_waiters();
     let reply = match m {
         In::ConnectionStatus(c) => {
             lock(state).cloud_connected =

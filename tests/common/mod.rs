@@ -124,6 +124,13 @@ impl Unit {
             .unwrap()
     }
 
+    /// A plaintext channel that connects on first use (for refusal tests).
+    pub fn channel_lazy(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy()
+    }
+
     pub async fn sim(&self, node: &str, options: SimOptions) -> SimSm {
         let info = self
             .nodes
