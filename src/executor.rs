@@ -2,8 +2,8 @@
 //! edge that owns it and records the outcome in the store.
 //!
 //! - Starts and stops of one node: the placements are committed first (an allocation is durable
-//!   before anyone hears of it), then one `UpdateInstances` goes to the node with every
-//!   instance placed there (as upstream does) and the stops, and the batch succeeds once the
+//!   before anyone hears of it), then one `UpdateInstances` goes to the node with the starts
+//!   and stops of the batch (v5 UpdateInstances is a delta), and the batch succeeds once the
 //!   node has reported each of them.
 //! - Node configs: CheckNodeConfig, then SetNodeConfig, each answered by NodeConfigStatus.
 //! - Allocations, item states and the unit config: store writes.
@@ -120,64 +120,18 @@ async fn update_node(
         })
         .map_err(|e| e.to_string())?;
 
-    // Everything placed on the node, as upstream sends it; the batch's own starts carry the
-    // freshest details (priority, quotas, alert rules).
-    let snap = store.read(|r| Ok((r.placements()?, r.desired()?, r.catalogue()?)));
-    let (placements, desired, catalogue) = snap.map_err(|e| e.to_string())?;
     let cfg = sm.config();
     let paths = InstancePaths {
         storage_dir: &cfg.storage_dir,
         state_dir: &cfg.state_dir,
     };
-    let mut infos = Vec::new();
-    let stopped: std::collections::BTreeSet<InstanceIdent> =
-        stops.iter().map(convert::ident_from_pb).collect();
-    for p in placements.values().filter(|p| p.node_id == node) {
-        if stopped.contains(&p.ident) {
-            continue;
-        }
-        let start = match starts.iter().find(|s| s.placement.ident == p.ident) {
-            Some(s) => (*s).clone(),
-            None => match start_of(p, desired.as_ref(), &catalogue) {
-                Some(s) => s,
-                None => continue, // no longer desired: its stop is on its way
-            },
-        };
-        infos.push(convert::instance_info(&start, &paths));
-    }
+    let infos: Vec<_> = starts
+        .iter()
+        .map(|s| convert::instance_info(s, &paths))
+        .collect();
     sm.update_instances(&node, infos, stops, &expect)
         .await
         .map_err(|e| e.to_string())
-}
-
-/// Rebuilds what an SM needs to run an already placed instance.
-fn start_of(
-    p: &InstancePlacement,
-    desired: Option<&DesiredState>,
-    catalogue: &Catalogue,
-) -> Option<InstanceStart> {
-    let desired = desired?;
-    let item = desired.item(&p.ident.item_id)?;
-    let req = desired
-        .instances
-        .iter()
-        .find(|r| r.item_id == p.ident.item_id && r.subject_id == p.ident.subject_id)?;
-    let cfg = item
-        .index_digest
-        .as_ref()
-        .and_then(|d| catalogue.images.get(d))
-        .and_then(|i| i.manifests.iter().find(|m| m.digest == p.manifest_digest))
-        .and_then(|m| m.item_config.clone())
-        .unwrap_or_default();
-    Some(InstanceStart {
-        placement: p.clone(),
-        item_type: item.item_type,
-        owner_id: item.owner_id.clone(),
-        priority: req.priority,
-        storage_quota: cfg.quotas.storage_limit.unwrap_or(0),
-        state_quota: cfg.quotas.state_limit.unwrap_or(0),
-        alert_rules: cfg.alert_rules,
-    })
 }
 
 async fn push_node_config(

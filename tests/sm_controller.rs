@@ -398,23 +398,33 @@ async fn node_dropped_in_the_middle_of_an_update_has_its_instances_replaced() {
             },
         )
         .await;
-    let telemetry1 = InstanceIdent::new("2d7c4e1a-93b5-4f0e-8a6d-1c5b9e3f7a21", "41a8f2c6-5e9d-4b73-a01e-6d3c8b2f7e95", 1);
+    let telemetry1 = InstanceIdent::new(
+        "2d7c4e1a-93b5-4f0e-8a6d-1c5b9e3f7a21",
+        "41a8f2c6-5e9d-4b73-a01e-6d3c8b2f7e95",
+        1,
+    );
     tokio::time::timeout(Duration::from_secs(10), s1.wait_received("UpdateInstances"))
         .await
         .expect("no UpdateInstances reached secondary-1");
     s1.disconnect();
-    assert!(s1.running().is_empty(), "the update never completed on the node");
+    assert!(
+        s1.running().is_empty(),
+        "the update never completed on the node"
+    );
 
     // Lost after the timeout; telemetry/1 is placed elsewhere and runs there.
     let snap = unit
         .wait_for("telemetry/1 re-placed and active", 20, |s| {
-            matches!(s.observed.nodes["secondary-1"].connection, Connection::Lost { .. })
-                && s.allocations.instances.get(&telemetry1).is_some_and(|p| {
-                    p.node_id != "secondary-1"
-                        && s.observed.instances.get(&telemetry1).is_some_and(|r| {
-                            r.node_id == p.node_id && r.state == InstanceState::Active
-                        })
-                })
+            matches!(
+                s.observed.nodes["secondary-1"].connection,
+                Connection::Lost { .. }
+            ) && s.allocations.instances.get(&telemetry1).is_some_and(|p| {
+                p.node_id != "secondary-1"
+                    && s.observed
+                        .instances
+                        .get(&telemetry1)
+                        .is_some_and(|r| r.node_id == p.node_id && r.state == InstanceState::Active)
+            })
         })
         .await;
     let moved_to = snap.allocations.instances[&telemetry1].node_id.clone();
@@ -424,6 +434,10 @@ async fn node_dropped_in_the_middle_of_an_update_has_its_instances_replaced() {
     s1.connect(unit.channel().await).await.unwrap();
     let snap = unit.wait_for("converged again", 30, converged).await;
     assert_eq!(snap.allocations.instances[&telemetry1].node_id, moved_to);
-    let vision = InstanceIdent::new("c41e9d7b-6a25-4c3f-9b8e-0f7a2d5c1e69", "d3f7a1c9-8b26-4e5d-9f40-1a6e2c8b5d73", 0);
+    let vision = InstanceIdent::new(
+        "c41e9d7b-6a25-4c3f-9b8e-0f7a2d5c1e69",
+        "d3f7a1c9-8b26-4e5d-9f40-1a6e2c8b5d73",
+        0,
+    );
     assert_eq!(snap.allocations.instances[&vision].node_id, "secondary-1");
 }

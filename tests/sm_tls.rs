@@ -30,7 +30,9 @@ impl Ca {
     fn leaf(&self, name: &str) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
@@ -40,7 +42,11 @@ impl Ca {
     }
 }
 
-async fn call(addr: std::net::SocketAddr, server_ca: &Ca, client: Option<(String, String)>) -> Result<(), String> {
+async fn call(
+    addr: std::net::SocketAddr,
+    server_ca: &Ca,
+    client: Option<(String, String)>,
+) -> Result<(), String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(server_ca.pem()))
         .domain_name("localhost");
@@ -76,12 +82,20 @@ async fn clients_need_a_certificate_from_the_configured_ca() {
     let unit = Unit::start(&example("fresh-install"), SmConfig::default(), Some(tls)).await;
 
     let good = call(unit.addr, &ca, Some(ca.leaf("main"))).await;
-    assert!(good.is_ok(), "a client with a certificate from the CA is served: {good:?}");
+    assert!(
+        good.is_ok(),
+        "a client with a certificate from the CA is served: {good:?}"
+    );
     let none = call(unit.addr, &ca, None).await;
     assert!(none.is_err(), "a client without a certificate is refused");
     let foreign = call(unit.addr, &ca, Some(other.leaf("main"))).await;
     assert!(foreign.is_err(), "a certificate from another CA is refused");
     // Plain HTTP/2 without TLS is refused too.
     let mut plain = pb::sm_service_client::SmServiceClient::new(unit.channel_lazy());
-    assert!(plain.get_blobs_infos(pb::BlobsInfosRequest { digests: vec![] }).await.is_err());
+    assert!(
+        plain
+            .get_blobs_infos(pb::BlobsInfosRequest { digests: vec![] })
+            .await
+            .is_err()
+    );
 }

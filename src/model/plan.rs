@@ -159,21 +159,13 @@ impl Action {
             Action::StartInstance(s) => format!("node/{}", s.placement.node_id),
             Action::StopInstance { node_id, .. } => format!("node/{node_id}"),
             Action::ReleaseInstance { ident } => format!("instance/{ident}"),
-            Action::AllocateNetwork { network_id, .. } | Action::ReleaseNetwork { network_id } => {
-                format!("network/{network_id}")
-            }
-            Action::AttachHost {
-                network_id,
-                node_id,
-                ..
-            }
-            | Action::DetachHost {
-                network_id,
-                node_id,
-            } => format!("host/{network_id}/{node_id}"),
-            Action::AssignInstanceIp { ident, .. } | Action::ReleaseInstanceIp { ident } => {
-                format!("ip/{ident}")
-            }
+            // One network's allocations go together, in plan order, in one transaction.
+            Action::AllocateNetwork { network_id, .. }
+            | Action::ReleaseNetwork { network_id }
+            | Action::AttachHost { network_id, .. }
+            | Action::DetachHost { network_id, .. }
+            | Action::AssignInstanceIp { network_id, .. } => format!("network/{network_id}"),
+            Action::ReleaseInstanceIp { ident } => format!("ip/{ident}"),
             Action::SetFirewallRules { ident, .. } => format!("firewall/{ident}"),
             Action::InstallUnitConfig { .. } => "unitconfig".to_string(),
             Action::PushNodeConfig { node_id, .. } => format!("nodeconfig/{node_id}"),

@@ -2,3 +2,5 @@
 //! that registers as a node and runs instances in memory.
 
 pub mod sm;
+pub mod synthetic;
+pub mod unit;

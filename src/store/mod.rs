@@ -31,7 +31,7 @@ use crate::model::{Condition, Snapshot};
 use read::Source;
 use redb::{Database, ReadableDatabase};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -101,6 +101,14 @@ pub struct Store {
     db: Database,
     /// Senders of the change notifications; closed ones are dropped on the next send.
     subscribers: Mutex<Vec<UnboundedSender<Vec<&'static str>>>>,
+    /// The last snapshot and the tables changed since; see `snapshot`.
+    cache: Mutex<SnapshotCache>,
+}
+
+#[derive(Default)]
+struct SnapshotCache {
+    snapshot: Option<Snapshot>,
+    stale: BTreeSet<&'static str>,
 }
 
 impl Store {
@@ -115,6 +123,7 @@ impl Store {
         Ok(Store {
             db,
             subscribers: Mutex::new(Vec::new()),
+            cache: Mutex::new(SnapshotCache::default()),
         })
     }
 
@@ -129,9 +138,32 @@ impl Store {
         })
     }
 
-    /// Everything the reconcilers read, from one read transaction: a consistent view.
+    /// Everything the reconcilers read, as one consistent view.
+    ///
+    /// The last snapshot is kept and only the tables changed since are read again; writes mark
+    /// the tables they change while holding the same lock across their commit, so the parts
+    /// read now and those kept always belong to one committed state.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.read(|r| r.snapshot())
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = match cache.snapshot.take() {
+            None => self.read(|r| r.snapshot()),
+            Some(mut snap) => {
+                let stale = std::mem::take(&mut cache.stale);
+                self.read(|r| r.refresh(&mut snap, &stale)).map(|()| snap)
+            }
+        };
+        match fresh {
+            Ok(snap) => {
+                cache.snapshot = Some(snap.clone());
+                Ok(snap)
+            }
+            Err(e) => {
+                // Start over from a full read next time.
+                cache.snapshot = None;
+                cache.stale.clear();
+                Err(e)
+            }
+        }
     }
 
     /// Runs `f` over one read transaction, for reads that must agree with each other.
@@ -197,7 +229,13 @@ impl Store {
         if changed.is_empty() {
             txn.abort()?;
         } else {
-            txn.commit()?;
+            {
+                // Marked and committed under the cache lock: no snapshot is assembled between
+                // this commit and its tables being marked stale.
+                let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+                cache.stale.extend(changed.iter().copied());
+                txn.commit()?;
+            }
             self.notify(changed);
         }
         Ok(result)

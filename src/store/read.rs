@@ -351,6 +351,38 @@ impl Reader<'_> {
         self.single(t::UPDATE_PROGRESS)
     }
 
+    /// Re-reads the parts of `snap` that come from the named tables.
+    pub fn refresh(
+        &self,
+        snap: &mut Snapshot,
+        tables: &BTreeSet<&'static str>,
+    ) -> Result<(), StoreError> {
+        for table in tables {
+            match *table {
+                t::DESIRED => snap.desired = self.desired()?,
+                t::NODES => snap.observed.nodes = self.nodes()?,
+                t::REPORTED_INSTANCES => snap.observed.instances = self.reported_instances()?,
+                t::UNIT_CONFIG => snap.observed.unit_config = self.unit_config_status()?,
+                t::ITEMS => snap.observed.items = self.items()?,
+                t::BLOBS => snap.observed.blobs = self.blobs()?,
+                t::UNIT_SUBJECTS => snap.observed.unit_subjects = self.unit_subjects()?,
+                t::HOST_ROUTES => snap.observed.host_routes = self.host_routes()?,
+                t::CATALOGUE => snap.catalogue = self.catalogue()?,
+                t::PLACEMENTS => snap.allocations.instances = self.placements()?,
+                t::GIDS => snap.allocations.gids = self.string_keyed(t::GIDS)?,
+                t::NETWORKS => snap.allocations.networks = self.string_keyed(t::NETWORKS)?,
+                t::INSTANCE_IPS => {
+                    snap.allocations.instance_ips = self.ident_keyed(t::INSTANCE_IPS)?
+                }
+                t::FIREWALL => snap.allocations.firewall = self.ident_keyed(t::FIREWALL)?,
+                t::SETTINGS => snap.settings = self.settings()?,
+                // Not part of a snapshot.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Everything the reconcilers read, as this transaction sees it.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {

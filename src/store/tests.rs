@@ -925,3 +925,48 @@ fn replacing_the_unit_subjects_clears_an_undecodable_one() {
     store.write(|tx| tx.set_unit_subjects(&subjects)).unwrap();
     assert_eq!(store.snapshot().unwrap().observed.unit_subjects, subjects);
 }
+
+#[test]
+fn cached_snapshots_always_equal_a_full_read() {
+    let (_dir, store) = open_temp();
+    let full = |s: &Store| s.read(|r| r.snapshot()).unwrap();
+    assert_eq!(store.snapshot().unwrap(), full(&store));
+    store.write(|tx| tx.set_snapshot(&full_snapshot())).unwrap();
+    assert_eq!(store.snapshot().unwrap(), full(&store));
+    // Changes to one table at a time, durable and not, each followed by a snapshot.
+    for n in 0..20u32 {
+        let id = ident("cache", u64::from(n));
+        match n % 4 {
+            0 => store
+                .write(|tx| tx.put_placement(&placement(&id, 6000 + n)))
+                .unwrap(),
+            1 => store
+                .write_observed(|tx| {
+                    tx.put_reported_instance(&ReportedInstance {
+                        ident: id.clone(),
+                        node_id: "n1".into(),
+                        runtime_id: "r".into(),
+                        version: "1".into(),
+                        state: InstanceState::Active,
+                        error: None,
+                        preinstalled: false,
+                    })
+                })
+                .unwrap(),
+            2 => store
+                .write(|tx| tx.add_blob(&digest('f')).map(|_| ()))
+                .unwrap(),
+            _ => store.write(|tx| tx.set_desired(None)).unwrap(),
+        }
+        assert_eq!(store.snapshot().unwrap(), full(&store), "after write {n}");
+    }
+    // A write whose closure fails changes nothing, cached or not.
+    let before = store.snapshot().unwrap();
+    let failed: Result<(), StoreError> = store.write(|tx| {
+        tx.put_placement(&placement(&ident("gone", 0), 1))?;
+        Err(StoreError::UnknownTable("simulated failure".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(store.snapshot().unwrap(), before);
+    assert_eq!(full(&store), before);
+}

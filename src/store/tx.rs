@@ -293,12 +293,78 @@ impl<'a> Tx<'a> {
     /// snapshot: the action is applied to the snapshot this transaction sees and the entries
     /// that differ afterwards are written back.
     pub fn apply(&mut self, action: &Action, now: UnixMillis) -> Result<(), StoreError> {
-        // Reading everything is the simplest way to stay exactly in step with `project::apply`
-        // (one projection, never two implementations); the tables are small.
-        let before = self.snapshot()?;
+        // The projection is the one implementation of an action's effect. It runs over the part
+        // of the state the action touches (or over everything for the few actions that look
+        // at whole tables), and the entries that differ afterwards are written back.
+        let before = match self.partial(action)? {
+            Some(part) => part,
+            None => self.snapshot()?,
+        };
         let mut after = before.clone();
         project::apply(&mut after, action, now);
         self.write_diff(&before, &after)
+    }
+
+    /// The entries an action's projection reads and writes, when that is a known few;
+    /// `None` when it needs whole tables.
+    fn partial(&self, action: &Action) -> Result<Option<Snapshot>, StoreError> {
+        let mut s = Snapshot::default();
+        match action {
+            Action::DownloadBlob { digest, .. } | Action::DeleteBlob { digest } => {
+                if self.has_blob(digest)? {
+                    s.observed.blobs.insert(digest.clone());
+                }
+            }
+            Action::InstallItem {
+                item_id, version, ..
+            }
+            | Action::RemoveItem { item_id, version }
+            | Action::DeleteItem { item_id, version } => {
+                if let Some(i) = self.item(item_id, version)? {
+                    s.observed
+                        .items
+                        .insert((item_id.clone(), version.clone()), i);
+                }
+            }
+            Action::StartInstance(start) => {
+                let ident = &start.placement.ident;
+                if let Some(p) = self.placement(ident)? {
+                    s.allocations.instances.insert(ident.clone(), p);
+                }
+                if let Some(g) = self.gid(&ident.item_id)? {
+                    s.allocations.gids.insert(ident.item_id.clone(), g);
+                }
+            }
+            Action::StopInstance { .. } => {}
+            Action::AllocateNetwork { network_id, .. }
+            | Action::AttachHost { network_id, .. }
+            | Action::DetachHost { network_id, .. } => {
+                if let Some(n) = self.network(network_id)? {
+                    s.allocations.networks.insert(network_id.clone(), n);
+                }
+            }
+            Action::AssignInstanceIp { ident, .. }
+            | Action::SetFirewallRules { ident, .. }
+            | Action::ReleaseInstanceIp { ident } => {
+                if let Some(a) = self.instance_ip(ident)? {
+                    s.allocations.instance_ips.insert(ident.clone(), a);
+                }
+                if let Some(f) = self.firewall(ident)? {
+                    s.allocations.firewall.insert(ident.clone(), f);
+                }
+            }
+            Action::PushNodeConfig { node_id, .. } | Action::SetNodeState { node_id, .. } => {
+                if let Some(n) = self.node(node_id)? {
+                    s.observed.nodes.insert(node_id.clone(), n);
+                }
+            }
+            // These look at whole tables (the last placement of an item, every address of a
+            // network) or at the desired state.
+            Action::ReleaseInstance { .. }
+            | Action::ReleaseNetwork { .. }
+            | Action::InstallUnitConfig { .. } => return Ok(None),
+        }
+        Ok(Some(s))
     }
 
     fn write_diff(&mut self, before: &Snapshot, after: &Snapshot) -> Result<(), StoreError> {

@@ -1,39 +1,28 @@
-//! Shared harness for integration tests over loopback: a store seeded from a scenario, the SM
-//! server on 127.0.0.1, the runner with the daemon's executor, and simulated SMs.
+//! Shared harness for integration tests over loopback: `aos_cm::sim::unit::SimUnit` seeded
+//! from a scenario folder, in a temporary directory.
 #![allow(dead_code)]
 
-use aos_cm::api::sm::server::{TlsPem, serve};
-use aos_cm::api::sm::{SmConfig, SmController};
-use aos_cm::engine::{self, Clock, StoreSink};
-use aos_cm::executor::UnitExecutor;
+use aos_cm::api::sm::SmConfig;
+use aos_cm::api::sm::server::TlsPem;
 use aos_cm::model::*;
-use aos_cm::reconcilers::runner::{Runner, RunnerConfig};
 use aos_cm::scenario;
 use aos_cm::sim::sm::{SimOptions, SimSm};
+use aos_cm::sim::unit::{self, SimUnit};
 use aos_cm::store::Store;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
 
-pub struct Unit {
-    pub _dir: tempfile::TempDir,
-    pub store: Arc<Store>,
-    pub sm: SmController,
-    pub addr: SocketAddr,
-    pub nodes: Vec<(String, SmInfo)>,
-    stop: Option<tokio::sync::watch::Sender<bool>>,
-    server_stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
+#[allow(unused_imports)]
+pub use aos_cm::sim::unit::converged;
 
-pub fn wall_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
-    })
+pub struct Unit {
+    pub unit: SimUnit,
+    pub store: std::sync::Arc<Store>,
+    pub sm: aos_cm::api::sm::SmController,
+    pub addr: std::net::SocketAddr,
+    pub nodes: Vec<(String, SmInfo)>,
+    _dir: tempfile::TempDir,
 }
 
 /// The store as a fresh daemon would have it for a scenario: desired state, IAM's node info
@@ -69,59 +58,26 @@ pub fn example(name: &str) -> std::path::PathBuf {
 impl Unit {
     pub async fn start(scenario_dir: &Path, config: SmConfig, tls: Option<TlsPem>) -> Unit {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("cm.redb")).unwrap());
-        let nodes = seed(&store, scenario_dir);
-        let clock = wall_clock();
-        let sm = SmController::new(store.clone(), config, clock.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (server_stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let server_sm = sm.clone();
-        tokio::spawn(async move {
-            let _ = serve(listener, server_sm, tls, async {
-                let _ = rx.await;
-            })
-            .await;
-        });
-        let exec = Arc::new(UnitExecutor {
-            store: store.clone(),
-            sm: sm.clone(),
-            clock: clock.clone(),
-        });
-        let runner = Runner::new(
-            engine::reconcilers(store.clone(), clock.clone()),
-            exec,
-            Arc::new(StoreSink {
-                store: store.clone(),
-                clock,
-            }),
-            RunnerConfig {
-                backoff_min: Duration::from_millis(50),
-                backoff_max: Duration::from_millis(500),
-                resync_period: Duration::from_secs(2),
-                ..RunnerConfig::default()
-            },
-        );
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let changes = store.subscribe();
-        tokio::spawn(runner.run(changes, stop_rx));
+        let path = dir.path().join("cm.redb");
+        let nodes = {
+            let store = Store::open(&path).unwrap();
+            seed(&store, scenario_dir)
+        };
+        let unit = SimUnit::start(&path, config, tls, unit::quick_runner())
+            .await
+            .unwrap();
         Unit {
-            _dir: dir,
-            store,
-            sm,
-            addr,
+            store: unit.store.clone(),
+            sm: unit.sm.clone(),
+            addr: unit.addr,
+            unit,
             nodes,
-            stop: Some(stop),
-            server_stop: Some(server_stop),
+            _dir: dir,
         }
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        self.unit.channel().await.unwrap()
     }
 
     /// A plaintext channel that connects on first use (for refusal tests).
@@ -138,9 +94,7 @@ impl Unit {
             .find(|(n, _)| n == node)
             .map(|(_, i)| i.clone())
             .unwrap();
-        let mut sim = SimSm::new(node, info, options);
-        sim.connect(self.channel().await).await.unwrap();
-        sim
+        self.unit.sim(node, info, options).await.unwrap()
     }
 
     /// Waits for a committed state that satisfies `cond`, woken by store changes.
@@ -150,59 +104,9 @@ impl Unit {
         secs: u64,
         cond: impl Fn(&Snapshot) -> bool,
     ) -> Snapshot {
-        wait_for(&self.store, what, secs, cond).await
-    }
-}
-
-pub async fn wait_for(
-    store: &Store,
-    what: &str,
-    secs: u64,
-    cond: impl Fn(&Snapshot) -> bool,
-) -> Snapshot {
-    let mut changes = store.subscribe();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let snap = store.snapshot().unwrap();
-        if cond(&snap) {
-            return snap;
-        }
-        // A resync tick as a fallback wake-up, in case the change came from outside the store.
-        match tokio::time::timeout_at(deadline, changes.recv()).await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("store closed while waiting for {what}"),
-            Err(_) => {
-                let conds = store.conditions().unwrap();
-                panic!("timed out waiting for {what}; conditions: {conds:#?}")
-            }
-        }
-    }
-}
-
-/// Every desired instance placed and reported active, and no plan left.
-pub fn converged(snap: &Snapshot) -> bool {
-    let plans_empty = ReconcilerKind::ALL.iter().all(|k| {
-        aos_cm::reconcilers::plan_one(*k, snap, 0)
-            .actions
-            .is_empty()
-    });
-    plans_empty
-        && !snap.allocations.instances.is_empty()
-        && snap.allocations.instances.keys().all(|k| {
-            snap.observed
-                .instances
-                .get(k)
-                .is_some_and(|r| r.state == InstanceState::Active)
-        })
-}
-
-impl Drop for Unit {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(true);
-        }
-        if let Some(s) = self.server_stop.take() {
-            let _ = s.send(());
+        match unit::wait_for(&self.store, Duration::from_secs(secs), cond).await {
+            Ok(s) => s,
+            Err(e) => panic!("waiting for {what}: {e}"),
         }
     }
 }

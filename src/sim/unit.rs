@@ -1,0 +1,201 @@
+//! A whole CM on loopback for tests, benchmarks and the demo: a store, the SM server on
+//! 127.0.0.1, the runner with the daemon's executor; simulated SMs connect to it.
+
+use crate::api::sm::server::{TlsPem, serve};
+use crate::api::sm::{SmConfig, SmController};
+use crate::engine::{self, Clock, StoreSink};
+use crate::executor::UnitExecutor;
+use crate::model::*;
+use crate::reconcilers::runner::{Runner, RunnerConfig};
+use crate::sim::sm::{SimOptions, SimSm};
+use crate::store::{Store, StoreError};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub struct SimUnit {
+    pub store: Arc<Store>,
+    pub sm: SmController,
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    server_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Milliseconds since the epoch from the system clock.
+pub fn wall_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    })
+}
+
+/// Runner timings for a unit on loopback: quick retries, a short resync.
+pub fn quick_runner() -> RunnerConfig {
+    RunnerConfig {
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+        resync_period: Duration::from_secs(2),
+        max_concurrent: 128,
+        ..RunnerConfig::default()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimUnitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl SimUnit {
+    /// Opens (or creates) the store at `store_path` and starts the server and the runner.
+    pub async fn start(
+        store_path: &Path,
+        config: SmConfig,
+        tls: Option<TlsPem>,
+        runner: RunnerConfig,
+    ) -> Result<SimUnit, SimUnitError> {
+        let store = Arc::new(Store::open(store_path)?);
+        let clock = wall_clock();
+        let sm = SmController::new(store.clone(), config, clock.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (server_stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let server_sm = sm.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve(listener, server_sm, tls, async {
+                let _ = rx.await;
+            })
+            .await
+            {
+                tracing::error!(error = %e, "SM server stopped");
+            }
+        });
+        let exec = Arc::new(UnitExecutor {
+            store: store.clone(),
+            sm: sm.clone(),
+            clock: clock.clone(),
+        });
+        let runner = Runner::new(
+            engine::reconcilers(store.clone(), clock.clone()),
+            exec,
+            Arc::new(StoreSink {
+                store: store.clone(),
+                clock,
+            }),
+            runner,
+        );
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let changes = store.subscribe();
+        tokio::spawn(runner.run(changes, stop_rx));
+        Ok(SimUnit {
+            store,
+            sm,
+            addr,
+            stop: Some(stop),
+            server_stop: Some(server_stop),
+        })
+    }
+
+    pub async fn channel(&self) -> Result<Channel, SimUnitError> {
+        Ok(Channel::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| SimUnitError::Other(e.to_string()))?
+            .connect()
+            .await?)
+    }
+
+    /// A simulated SM for a node, connected.
+    pub async fn sim(
+        &self,
+        node: &str,
+        info: SmInfo,
+        options: SimOptions,
+    ) -> Result<SimSm, SimUnitError> {
+        let mut sim = SimSm::new(node, info, options);
+        sim.connect(self.channel().await?)
+            .await
+            .map_err(|e| SimUnitError::Other(e.to_string()))?;
+        Ok(sim)
+    }
+
+    /// Waits for a committed state that satisfies `cond`, woken by store changes.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        cond: impl Fn(&Snapshot) -> bool,
+    ) -> Result<Snapshot, SimUnitError> {
+        wait_for(&self.store, timeout, cond).await
+    }
+
+    pub fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(true);
+        }
+        if let Some(s) = self.server_stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl Drop for SimUnit {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Waits for a committed state that satisfies `cond`, woken by store changes; the error says
+/// what is still open.
+pub async fn wait_for(
+    store: &Store,
+    timeout: Duration,
+    cond: impl Fn(&Snapshot) -> bool,
+) -> Result<Snapshot, SimUnitError> {
+    let mut changes = store.subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let snap = store.snapshot()?;
+        if cond(&snap) {
+            return Ok(snap);
+        }
+        match tokio::time::timeout_at(deadline, changes.recv()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(SimUnitError::Other("the store was closed".into())),
+            Err(_) => {
+                let conds = store.conditions()?;
+                let open: Vec<String> = conds.values().map(|c| c.to_string()).collect();
+                return Err(SimUnitError::Other(format!(
+                    "timed out; open conditions: {}",
+                    if open.is_empty() {
+                        "none".to_string()
+                    } else {
+                        open.join("; ")
+                    }
+                )));
+            }
+        }
+    }
+}
+
+/// Every placed instance reported active, and nothing left to plan.
+pub fn converged(snap: &Snapshot) -> bool {
+    let plans_empty = ReconcilerKind::ALL
+        .iter()
+        .all(|k| crate::reconcilers::plan_one(*k, snap, 0).actions.is_empty());
+    plans_empty
+        && !snap.allocations.instances.is_empty()
+        && snap.allocations.instances.keys().all(|k| {
+            snap.observed
+                .instances
+                .get(k)
+                .is_some_and(|r| r.state == InstanceState::Active)
+        })
+}
