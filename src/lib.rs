@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod executor;
 pub mod imagestore;

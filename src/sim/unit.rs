@@ -64,10 +64,36 @@ impl SimUnit {
         tls: Option<TlsPem>,
         runner: RunnerConfig,
     ) -> Result<SimUnit, SimUnitError> {
+        Self::start_with(store_path, None, config, tls, runner).await
+    }
+
+    /// Like `start`, with the SM server on a chosen loopback address.
+    pub async fn start_at(
+        store_path: &Path,
+        listen: Option<SocketAddr>,
+        config: SmConfig,
+        runner: RunnerConfig,
+    ) -> Result<SimUnit, SimUnitError> {
+        Self::start_with(store_path, listen, config, None, runner).await
+    }
+
+    async fn start_with(
+        store_path: &Path,
+        listen: Option<SocketAddr>,
+        config: SmConfig,
+        tls: Option<TlsPem>,
+        runner: RunnerConfig,
+    ) -> Result<SimUnit, SimUnitError> {
+        let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        if !listen.ip().is_loopback() {
+            return Err(SimUnitError::Other(format!(
+                "{listen}: a simulated unit listens on loopback only"
+            )));
+        }
         let store = Arc::new(Store::open(store_path)?);
         let clock = wall_clock();
         let sm = SmController::new(store.clone(), config, clock.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (server_stop, rx) = tokio::sync::oneshot::channel::<()>();
         let server_sm = sm.clone();

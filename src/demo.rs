@@ -1,0 +1,335 @@
+//! `aos-cm demo`: the real SM server, store, reconcilers, runner and executor, in-process,
+//! driving simulated nodes of the bundled example unit (or a synthetic unit of any size) over
+//! loopback gRPC until the unit has converged.
+//!
+//! What is simulated: the nodes' Service Managers. What is not there yet: the cloud link, image
+//! downloads and IAM; the demo takes the desired state and the item blobs from the bundled
+//! example instead, as if the cloud had sent them and they were downloaded.
+
+use crate::api::sm::SmConfig;
+use crate::model::*;
+use crate::scenario;
+use crate::sim::sm::{SimOptions, SimSm};
+use crate::sim::synthetic;
+use crate::sim::unit::{self, SimUnit};
+use crate::store::Store;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/example_unit.rs"));
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// A synthetic unit of this many nodes instead of the bundled example.
+    pub nodes: Option<usize>,
+    pub instances: usize,
+    /// Where the SM server listens (loopback).
+    pub sm_listen: Option<std::net::SocketAddr>,
+    /// Nodes left to SMs that connect from outside.
+    pub external: Vec<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("the unit did not converge within {secs} s; open conditions:\n{conditions}")]
+    NotConverged { secs: u64, conditions: String },
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> DemoError + '_ {
+    move |e| DemoError::Setup(format!("{what}: {e}"))
+}
+
+/// Writes the embedded example unit into `dir`.
+pub fn write_example(dir: &Path) -> std::io::Result<()> {
+    for (rel, bytes) in embedded::FILES {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, bytes)?;
+    }
+    Ok(())
+}
+
+fn workdir() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("aos-cm-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The unit to run: its initial store content and the SMInfo of each node's SM.
+fn unit_to_run(
+    opts: &DemoOptions,
+    dir: &Path,
+) -> Result<(Snapshot, Vec<(String, SmInfo)>), DemoError> {
+    let mut snap = match opts.nodes {
+        Some(n) => {
+            let items = n.clamp(1, 64);
+            synthetic::unit(n, items, opts.instances, true)
+        }
+        None => {
+            let example = dir.join("example");
+            write_example(&example).map_err(setup("writing the example unit"))?;
+            scenario::load(&example)
+                .map_err(setup("loading the example unit"))?
+                .snapshot
+        }
+    };
+    // The SMs connect and report for themselves; IAM's node info stays.
+    let mut sms = Vec::new();
+    for (id, n) in snap.observed.nodes.iter_mut() {
+        if let Some(sm) = n.sm.take() {
+            sms.push((id.clone(), sm));
+        }
+        n.connection = Connection::Disconnected { since: 0 };
+        n.node_config = None;
+    }
+    // As if every item had been downloaded.
+    let blobs: Vec<Digest> = snap
+        .catalogue
+        .images
+        .values()
+        .flat_map(|i| i.blobs())
+        .collect();
+    snap.observed.blobs.extend(blobs);
+    Ok((snap, sms))
+}
+
+struct Progress {
+    started: Instant,
+    last: String,
+    printed_at: Option<Instant>,
+}
+
+impl Progress {
+    /// Prints the state when it changed, at most every 100 ms unless `force`.
+    fn show(&mut self, snap: &Snapshot, out: &mut impl Write, force: bool) {
+        if !force
+            && self
+                .printed_at
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        {
+            return;
+        }
+        let placed = snap.allocations.instances.len();
+        let items_total = snap.desired.as_ref().map(|d| d.items.len()).unwrap_or(0);
+        let items_installed = snap
+            .observed
+            .items
+            .values()
+            .filter(|i| i.state == ItemState::Installed)
+            .count();
+        let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in snap.observed.instances.values() {
+            if r.state == InstanceState::Active {
+                *per_node.entry(r.node_id.as_str()).or_default() += 1;
+            }
+        }
+        let active: usize = per_node.values().sum();
+        let connected = snap
+            .observed
+            .nodes
+            .values()
+            .filter(|n| n.is_connected())
+            .count();
+        let nodes: Vec<String> = if snap.observed.nodes.len() <= 8 {
+            snap.observed
+                .nodes
+                .keys()
+                .map(|n| format!("{n} {}", per_node.get(n.as_str()).copied().unwrap_or(0)))
+                .collect()
+        } else {
+            vec![format!("{} nodes", snap.observed.nodes.len())]
+        };
+        let line = format!(
+            "nodes connected {connected}/{} · items installed {items_installed}/{items_total} · instances placed {placed}, active {active} ({})",
+            snap.observed.nodes.len(),
+            nodes.join(", ")
+        );
+        if line != self.last {
+            let _ = writeln!(
+                out,
+                "[{:>6.2} s] {line}",
+                self.started.elapsed().as_secs_f64()
+            );
+            self.last = line;
+            self.printed_at = Some(Instant::now());
+        }
+    }
+}
+
+fn summary(snap: &Snapshot, out: &mut impl Write) {
+    let _ = writeln!(out, "\nwhere everything runs:");
+    let mut by_node: BTreeMap<&str, Vec<&InstancePlacement>> = BTreeMap::new();
+    for p in snap.allocations.instances.values() {
+        by_node.entry(p.node_id.as_str()).or_default().push(p);
+    }
+    let name = |id: &str| -> String { id.chars().take(8).collect() };
+    for (node, list) in by_node.iter().take(10) {
+        let _ = writeln!(out, "  {node}:");
+        for p in list.iter().take(12) {
+            let ip = snap
+                .allocations
+                .instance_ips
+                .get(&p.ident)
+                .map(|a| a.ip.to_string())
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "    item {}… instance {} v{} on {} (uid {}, ip {ip})",
+                name(&p.ident.item_id),
+                p.ident.instance,
+                p.version,
+                p.runtime_type,
+                p.uid
+            );
+        }
+        if list.len() > 12 {
+            let _ = writeln!(out, "    … and {} more", list.len() - 12);
+        }
+    }
+    if by_node.len() > 10 {
+        let _ = writeln!(out, "  … and {} more nodes", by_node.len() - 10);
+    }
+    let _ = writeln!(out, "networks:");
+    for (id, n) in &snap.allocations.networks {
+        let _ = writeln!(
+            out,
+            "  owner {}…: subnet {}, vlan {}, {} node(s)",
+            name(id),
+            n.subnet,
+            n.vlan_id,
+            n.hosts.len()
+        );
+    }
+}
+
+/// Runs the demo, printing progress to `out`. Ok once converged.
+pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(), DemoError> {
+    let dir = workdir().map_err(setup("creating a working directory"))?;
+    let (snap, sms) = unit_to_run(&opts, &dir)?;
+    let store_path = dir.join("cm.redb");
+    {
+        let store = Store::open(&store_path).map_err(setup("opening the store"))?;
+        store
+            .write(|tx| tx.set_snapshot(&snap))
+            .map_err(setup("seeding the store"))?;
+    }
+    let mut unit = SimUnit::start_at(
+        &store_path,
+        opts.sm_listen,
+        SmConfig::default(),
+        unit::quick_runner(),
+    )
+    .await
+    .map_err(setup("starting the CM"))?;
+    let _ = writeln!(
+        out,
+        "aos-cm demo: the Communication Manager with {} simulated node(s); SM server on {}",
+        sms.len() - opts.external.len().min(sms.len()),
+        unit.addr
+    );
+    let _ = writeln!(
+        out,
+        "desired state: {} item(s), {} instance request(s); the nodes' SMs connect over gRPC and are told what to run\n",
+        snap.desired.as_ref().map(|d| d.items.len()).unwrap_or(0),
+        snap.desired
+            .as_ref()
+            .map(|d| d.instances.len())
+            .unwrap_or(0),
+    );
+    for ext in &opts.external {
+        if !sms.iter().any(|(n, _)| n == ext) {
+            return Err(DemoError::Setup(format!(
+                "--external {ext}: no such node in the unit"
+            )));
+        }
+        let _ = writeln!(
+            out,
+            "waiting for an external SM to register as node {ext} at {}",
+            unit.addr
+        );
+    }
+    let _ = writeln!(
+        out,
+        "An AosEdge unit is a set of nodes; on each a Service Manager (SM) runs what the\n\
+         Communication Manager tells it. The CM places every requested instance on a node,\n\
+         allocates networks, pushes node configs, and waits for the SMs to report back.\n"
+    );
+    let mut progress = Progress {
+        started: Instant::now(),
+        last: String::new(),
+        printed_at: None,
+    };
+    progress.show(
+        &unit.store.snapshot().map_err(setup("reading the store"))?,
+        out,
+        true,
+    );
+    let mut sims: Vec<SimSm> = Vec::new();
+    for (node, info) in &sms {
+        if opts.external.contains(node) {
+            continue;
+        }
+        sims.push(
+            unit.sim(node, info.clone(), SimOptions::default())
+                .await
+                .map_err(setup("connecting a simulated SM"))?,
+        );
+    }
+
+    let mut changes = unit.store.subscribe();
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    let result = loop {
+        let snap = unit.store.snapshot().map_err(setup("reading the store"))?;
+        let done = unit::converged(&snap);
+        progress.show(&snap, out, done);
+        if done {
+            let _ = writeln!(
+                out,
+                "\nconverged in {:.2} s",
+                progress.started.elapsed().as_secs_f64()
+            );
+            summary(&snap, out);
+            break Ok(());
+        }
+        if tokio::time::timeout_at(deadline, changes.recv())
+            .await
+            .is_err()
+        {
+            let conds = unit
+                .store
+                .conditions()
+                .map_err(setup("reading conditions"))?;
+            let mut text: Vec<String> = conds.values().map(|c| format!("  {c}")).collect();
+            let plans = crate::reconcilers::plan_all(&snap, 0);
+            text.extend(
+                plans
+                    .iter()
+                    .flat_map(|p| p.conditions.iter().map(|c| format!("  {c}"))),
+            );
+            text.sort();
+            text.dedup();
+            break Err(DemoError::NotConverged {
+                secs: opts.timeout.as_secs(),
+                conditions: if text.is_empty() {
+                    "  none (actions still in flight)".into()
+                } else {
+                    text.join("\n")
+                },
+            });
+        }
+    };
+    drop(sims);
+    unit.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
