@@ -2,6 +2,7 @@
 //! JSON of IAM and SM messages) and the model lives here.
 
 pub mod cloud;
+pub mod dns;
 pub mod json;
 pub mod nodes;
 pub mod proto;
