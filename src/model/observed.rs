@@ -22,6 +22,17 @@ pub struct ObservedUnit {
     pub unit_subjects: BTreeSet<SubjectId>,
     /// IPv4 routes of the host; subnets that collide with them are not handed out.
     pub host_routes: Vec<Ipv4Net>,
+    /// What each instance's SM sent in AllocateInstanceNetwork: host names, exposed ports and
+    /// allowed connections. The newest request wins over the item's image.
+    #[serde(default)]
+    pub network_params: BTreeMap<InstanceIdent, InstanceNetworkParams>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceNetworkParams {
+    pub hosts: Vec<String>,
+    pub exposed_ports: Vec<String>,
+    pub allowed_connections: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

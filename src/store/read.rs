@@ -331,6 +331,7 @@ impl Reader<'_> {
             blobs: self.blobs()?,
             unit_subjects: self.unit_subjects()?,
             host_routes: self.host_routes()?,
+            network_params: self.ident_keyed(t::NETWORK_PARAMS)?,
         })
     }
 
@@ -367,6 +368,9 @@ impl Reader<'_> {
                 t::BLOBS => snap.observed.blobs = self.blobs()?,
                 t::UNIT_SUBJECTS => snap.observed.unit_subjects = self.unit_subjects()?,
                 t::HOST_ROUTES => snap.observed.host_routes = self.host_routes()?,
+                t::NETWORK_PARAMS => {
+                    snap.observed.network_params = self.ident_keyed(t::NETWORK_PARAMS)?
+                }
                 t::CATALOGUE => snap.catalogue = self.catalogue()?,
                 t::PLACEMENTS => snap.allocations.instances = self.placements()?,
                 t::GIDS => snap.allocations.gids = self.string_keyed(t::GIDS)?,

@@ -40,12 +40,14 @@ pub const CONDITIONS: &str = "conditions";
 pub const UPDATE_PROGRESS: &str = "update_progress";
 /// Plan settings (singleton).
 pub const SETTINGS: &str = "settings";
+/// Network parameters SMs sent for their instances, by instance ident.
+pub const NETWORK_PARAMS: &str = "network_params";
 
 /// The key of the record in a singleton table.
 pub const CURRENT: &str = "current";
 
 /// Every data table of the current schema (everything but [`META`]), in a fixed order.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     DESIRED,
     NODES,
     REPORTED_INSTANCES,
@@ -63,4 +65,5 @@ pub const ALL: [&str; 17] = [
     CONDITIONS,
     UPDATE_PROGRESS,
     SETTINGS,
+    NETWORK_PARAMS,
 ];

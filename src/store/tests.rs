@@ -180,6 +180,14 @@ fn full_snapshot() -> Snapshot {
         Ipv4Net::parse("192.168.0.0/16").unwrap(),
         Ipv4Net::parse("10.0.0.0/8").unwrap(),
     ];
+    s.observed.network_params.insert(
+        ident("svc", 0),
+        InstanceNetworkParams {
+            hosts: vec!["svc-host".into()],
+            exposed_ports: vec!["80/tcp".into()],
+            allowed_connections: vec!["other/53/udp".into()],
+        },
+    );
     s.catalogue.images.insert(
         digest('a'),
         ItemImage {
@@ -285,6 +293,9 @@ fn every_table_round_trips_through_typed_setters() {
             }
             tx.set_unit_subjects(&want.observed.unit_subjects)?;
             tx.set_host_routes(&want.observed.host_routes)?;
+            for (k, v) in &want.observed.network_params {
+                tx.set_network_params(k, v)?;
+            }
             for img in want.catalogue.images.values() {
                 tx.put_catalogue_image(img)?;
             }

@@ -253,6 +253,18 @@ impl<'a> Tx<'a> {
         self.remove(t::INSTANCE_IPS, &keys::ident(ident))
     }
 
+    pub fn set_network_params(
+        &mut self,
+        ident: &InstanceIdent,
+        params: &InstanceNetworkParams,
+    ) -> Result<(), StoreError> {
+        self.put(t::NETWORK_PARAMS, &keys::ident(ident), params)
+    }
+
+    pub fn remove_network_params(&mut self, ident: &InstanceIdent) -> Result<bool, StoreError> {
+        self.remove(t::NETWORK_PARAMS, &keys::ident(ident))
+    }
+
     pub fn set_firewall(
         &mut self,
         ident: &InstanceIdent,
@@ -430,6 +442,13 @@ impl<'a> Tx<'a> {
         }
         if bo.host_routes != ao.host_routes {
             self.set_host_routes(&ao.host_routes)?;
+        }
+        let (gone, put) = diff_map(&bo.network_params, &ao.network_params);
+        for k in gone {
+            self.remove_network_params(k)?;
+        }
+        for (k, v) in put {
+            self.set_network_params(k, v)?;
         }
 
         let (gone, put) = diff_map(&before.catalogue.images, &after.catalogue.images);
