@@ -66,12 +66,7 @@ async fn run_batch(
             }
         )),
         _ => store
-            .write(|tx| {
-                for a in &batch {
-                    tx.apply(a, now)?;
-                }
-                Ok(())
-            })
+            .write(|tx| tx.apply_batch(&batch, now))
             .map_err(|e| e.to_string()),
     }
 }

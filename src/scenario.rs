@@ -548,6 +548,7 @@ fn apply_observed(
                 subnet,
                 vlan_id: u16::try_from(vlan).unwrap_or(0),
                 hosts,
+                sm_hosts: Default::default(),
             },
         );
     }

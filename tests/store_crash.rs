@@ -100,6 +100,7 @@ fn snapshot_for(n: u64) -> Snapshot {
                 "node0".to_string(),
                 Ipv4Addr::from(0x0a00_0000 + (n % 60_000) as u32 * 4 + 1),
             )]),
+            sm_hosts: Default::default(),
         },
     );
     s

@@ -3,6 +3,7 @@
 
 pub mod cloud;
 pub mod dns;
+pub mod dnszone;
 pub mod json;
 pub mod nodes;
 pub mod proto;

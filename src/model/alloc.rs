@@ -63,6 +63,10 @@ pub struct NetworkAllocation {
     pub vlan_id: u16,
     /// Each node attached to the network gets one address in it.
     pub hosts: BTreeMap<NodeId, Ipv4Addr>,
+    /// Hosts a node's SM asked for (GetNodeNetworkParams): the SM releases them
+    /// (ReleaseNodeNetwork), not the network reconciler.
+    #[serde(default)]
+    pub sm_hosts: std::collections::BTreeSet<NodeId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,6 +92,37 @@ fn manifest_of<'a>(
         .find(|m| m.digest == p.manifest_digest)
 }
 
+/// An instance's allowed connections: what its SM sent, else its item config.
+pub fn allowed_connections(
+    snap: &Snapshot,
+    items: &BTreeMap<&str, &DesiredItem>,
+    ident: &InstanceIdent,
+    p: &InstancePlacement,
+) -> Vec<String> {
+    match snap.observed.network_params.get(ident) {
+        Some(params) => params.allowed_connections.clone(),
+        None => manifest_of(snap, items, p)
+            .and_then(|m| m.item_config.as_ref())
+            .map(|c| c.allowed_connections.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// An instance's exposed ports: what its SM sent, else its image config.
+pub fn exposed_ports(
+    snap: &Snapshot,
+    items: &BTreeMap<&str, &DesiredItem>,
+    ident: &InstanceIdent,
+    p: &InstancePlacement,
+) -> Vec<String> {
+    match snap.observed.network_params.get(ident) {
+        Some(params) => params.exposed_ports.clone(),
+        None => manifest_of(snap, items, p)
+            .map(|m| m.image.exposed_ports.clone())
+            .unwrap_or_default(),
+    }
+}
+
 pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
     let mut plan = Plan::new(ReconcilerKind::Network);
     let Some(desired) = snap.desired.as_ref() else {
@@ -158,11 +189,24 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         Some(ip)
     };
 
-    // Releases.
+    // Releases. What an SM asked for (an instance address it allocated, a host it requested)
+    // is the SM's to release; the reconciler releases only what it allocated itself.
+    let sm_held: BTreeSet<&InstanceIdent> = allocs
+        .instance_ips
+        .keys()
+        .filter(|k| snap.observed.network_params.contains_key(*k))
+        .collect();
+    let sm_nets: BTreeSet<&str> = allocs
+        .instance_ips
+        .iter()
+        .filter(|(k, _)| sm_held.contains(k))
+        .map(|(_, a)| a.network_id.as_str())
+        .collect();
     for (ident, addr) in &allocs.instance_ips {
-        let keep = members
-            .get(ident)
-            .is_some_and(|(net, _)| *net == addr.network_id);
+        let keep = sm_held.contains(ident)
+            || members
+                .get(ident)
+                .is_some_and(|(net, _)| *net == addr.network_id);
         if !keep {
             plan.actions.push(Action::ReleaseInstanceIp {
                 ident: ident.clone(),
@@ -170,7 +214,8 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         }
     }
     for (net_id, net) in &allocs.networks {
-        if !needed_nets.contains(net_id.as_str()) {
+        let held = !net.sm_hosts.is_empty() || sm_nets.contains(net_id.as_str());
+        if !needed_nets.contains(net_id.as_str()) && !held {
             plan.actions.push(Action::ReleaseNetwork {
                 network_id: net_id.clone(),
             });
@@ -178,7 +223,12 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             continue;
         }
         for node in net.hosts.keys() {
-            if !needed_hosts.contains(&(net_id.as_str(), node.as_str())) {
+            if !needed_hosts.contains(&(net_id.as_str(), node.as_str()))
+                && !net.sm_hosts.contains(node)
+                && !allocs.instance_ips.iter().any(|(k, a)| {
+                    sm_held.contains(k) && a.network_id == *net_id && a.node_id == *node
+                })
+            {
                 plan.actions.push(Action::DetachHost {
                     network_id: net_id.clone(),
                     node_id: node.clone(),
@@ -219,6 +269,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                 subnet,
                 vlan_id,
                 hosts: BTreeMap::new(),
+                sm_hosts: Default::default(),
             },
         );
     }
@@ -258,6 +309,11 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         let hostname = manifest_of(snap, &items, p)
             .and_then(|m| m.item_config.as_ref())
             .and_then(|c| c.hostname.clone());
+        // The names the instance's SM computed, when it has asked; else the same patterns.
+        let names = match snap.observed.network_params.get(*ident) {
+            Some(params) if !params.hosts.is_empty() => params.hosts.clone(),
+            _ => dns_names(ident, net_id, hostname.as_deref()),
+        };
         let current = allocs
             .instance_ips
             .get(*ident)
@@ -285,7 +341,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             network_id: (*net_id).to_string(),
             node_id: p.node_id.clone(),
             ip,
-            dns_names: dns_names(ident, net_id, hostname.as_deref()),
+            dns_names: names,
         });
         ips.insert(
             *ident,
@@ -310,11 +366,9 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         let Some(src) = ips.get(ident) else {
             continue;
         };
-        let Some(cfg) = manifest_of(snap, &items, p).and_then(|m| m.item_config.as_ref()) else {
-            continue;
-        };
+        let allowed = allowed_connections(snap, &items, ident, p);
         let mut rules: Vec<FirewallRule> = Vec::new();
-        for conn in &cfg.allowed_connections {
+        for conn in &allowed {
             let Some((target, port, proto)) = parse_connection(conn) else {
                 plan.condition(
                     format!("instance {ident}"),
@@ -324,13 +378,10 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                 continue;
             };
             let dst = by_item.get(target).and_then(|targets| {
-                targets.iter().find(|(_, _, tp)| {
-                    manifest_of(snap, &items, tp).is_some_and(|m| {
-                        m.image
-                            .exposed_ports
-                            .iter()
-                            .any(|e| exposes(e, port, proto))
-                    })
+                targets.iter().find(|(t, _, tp)| {
+                    exposed_ports(snap, &items, t, tp)
+                        .iter()
+                        .any(|e| exposes(e, port, proto))
                 })
             });
             match dst {
@@ -365,4 +416,92 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         }
     }
     plan
+}
+
+/// Firewall rules of one instance from the stored addresses, and the connections still
+/// pending (their target item has no instance with an address exposing the port). Used by
+/// the NetworkService when an SM asks, and when a target appears.
+pub fn rules_for(snap: &Snapshot, ident: &InstanceIdent) -> (Vec<FirewallRule>, Vec<String>) {
+    let items: BTreeMap<&str, &DesiredItem> = snap
+        .desired
+        .iter()
+        .flat_map(|d| d.items.iter().map(|i| (i.id.as_str(), i)))
+        .collect();
+    let Some(src) = snap.allocations.instance_ips.get(ident) else {
+        return (Vec::new(), Vec::new());
+    };
+    let ports_of = |t: &InstanceIdent| -> Vec<String> {
+        match (
+            snap.observed.network_params.get(t),
+            snap.allocations.instances.get(t),
+        ) {
+            (Some(params), _) => params.exposed_ports.clone(),
+            (None, Some(p)) => exposed_ports(snap, &items, t, p),
+            (None, None) => Vec::new(),
+        }
+    };
+    let allowed = match (
+        snap.observed.network_params.get(ident),
+        snap.allocations.instances.get(ident),
+    ) {
+        (Some(params), _) => params.allowed_connections.clone(),
+        (None, Some(p)) => allowed_connections(snap, &items, ident, p),
+        (None, None) => Vec::new(),
+    };
+    let mut rules = Vec::new();
+    let mut pending = Vec::new();
+    for conn in allowed {
+        let Some((target, port, proto)) = parse_connection(&conn) else {
+            continue;
+        };
+        let dst = snap.allocations.instance_ips.iter().find(|(t, _)| {
+            t.item_id == target && ports_of(t).iter().any(|e| exposes(e, port, proto))
+        });
+        match dst {
+            Some((_, d)) if d.network_id == src.network_id => {} // same subnet: no rule
+            Some((_, d)) => rules.push(FirewallRule {
+                src_ip: src.ip,
+                dst_ip: d.ip,
+                dst_port: port.to_string(),
+                proto: proto.to_ascii_lowercase(),
+            }),
+            None => pending.push(conn.clone()),
+        }
+    }
+    rules.sort();
+    rules.dedup();
+    (rules, pending)
+}
+
+/// The DNS zone: every instance address under the names its SM computed (or, before it has
+/// asked, the standard patterns and the item's hostname).
+pub fn zone_records(snap: &Snapshot) -> BTreeMap<String, Vec<Ipv4Addr>> {
+    let items: BTreeMap<&str, &DesiredItem> = snap
+        .desired
+        .iter()
+        .flat_map(|d| d.items.iter().map(|i| (i.id.as_str(), i)))
+        .collect();
+    let mut zone: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    for (ident, addr) in &snap.allocations.instance_ips {
+        let names = match snap.observed.network_params.get(ident) {
+            Some(params) if !params.hosts.is_empty() => params.hosts.clone(),
+            _ => {
+                let hostname = snap
+                    .allocations
+                    .instances
+                    .get(ident)
+                    .and_then(|p| manifest_of(snap, &items, p))
+                    .and_then(|m| m.item_config.as_ref())
+                    .and_then(|c| c.hostname.clone());
+                dns_names(ident, &addr.network_id, hostname.as_deref())
+            }
+        };
+        for name in names {
+            let ips = zone.entry(name.to_ascii_lowercase()).or_default();
+            if !ips.contains(&addr.ip) {
+                ips.push(addr.ip);
+            }
+        }
+    }
+    zone
 }

@@ -3,6 +3,8 @@
 //! instances plan proposes), and tests use it to check that a plan converges.
 
 use crate::model::*;
+use core::net::Ipv4Addr;
+use std::collections::BTreeSet;
 
 /// Applies the effect an action has on the stored state (allocations, catalogue, unit config
 /// status, node states). What only a node can report (instances running) is not invented.
@@ -68,15 +70,25 @@ pub fn apply(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
                     subnet: *subnet,
                     vlan_id: *vlan_id,
                     hosts: Default::default(),
+                    sm_hosts: Default::default(),
                 });
         }
+        // Addresses may also be handed out by the NetworkService between a plan and its
+        // execution: an existing address is kept, and a planned one taken meanwhile is replaced
+        // by the lowest free one, so that no address is ever given twice.
         Action::AttachHost {
             network_id,
             node_id,
             ip,
         } => {
-            if let Some(n) = a.networks.get_mut(network_id) {
-                n.hosts.insert(node_id.clone(), *ip);
+            if a.networks
+                .get(network_id)
+                .is_some_and(|n| !n.hosts.contains_key(node_id))
+            {
+                let ip = untaken(a, network_id, *ip);
+                if let (Some(ip), Some(n)) = (ip, a.networks.get_mut(network_id)) {
+                    n.hosts.insert(node_id.clone(), ip);
+                }
             }
         }
         Action::AssignInstanceIp {
@@ -86,14 +98,25 @@ pub fn apply(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
             ip,
             ..
         } => {
-            a.instance_ips.insert(
-                ident.clone(),
-                InstanceAddress {
-                    network_id: network_id.clone(),
-                    node_id: node_id.clone(),
-                    ip: *ip,
-                },
-            );
+            let kept = a
+                .instance_ips
+                .get(ident)
+                .filter(|x| x.network_id == *network_id)
+                .map(|x| x.ip);
+            let ip = match kept {
+                Some(ip) => Some(ip),
+                None => untaken(a, network_id, *ip),
+            };
+            if let Some(ip) = ip {
+                a.instance_ips.insert(
+                    ident.clone(),
+                    InstanceAddress {
+                        network_id: network_id.clone(),
+                        node_id: node_id.clone(),
+                        ip,
+                    },
+                );
+            }
         }
         Action::SetFirewallRules { ident, rules } => {
             if rules.is_empty() {
@@ -145,6 +168,22 @@ pub fn apply(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
             }
         }
     }
+}
+
+/// `wanted` if nothing in the network uses it, else the lowest free address.
+fn untaken(a: &Allocations, network_id: &str, wanted: Ipv4Addr) -> Option<Ipv4Addr> {
+    let net = a.networks.get(network_id)?;
+    let mut used: BTreeSet<Ipv4Addr> = net.hosts.values().copied().collect();
+    used.extend(
+        a.instance_ips
+            .values()
+            .filter(|x| x.network_id == network_id)
+            .map(|x| x.ip),
+    );
+    if !used.contains(&wanted) && net.subnet.contains(wanted) {
+        return Some(wanted);
+    }
+    super::network::free_ip(&net.subnet, &used)
 }
 
 /// Applies an action as a well-behaved unit would: like `apply`, and a started instance is

@@ -1,6 +1,9 @@
 //! A whole CM on loopback for tests, benchmarks and the demo: a store, the SM server on
 //! 127.0.0.1, the runner with the daemon's executor; simulated SMs connect to it.
 
+use crate::api::dns::{DnsConfig, DnsServer};
+use crate::api::dnszone::keep_in_sync;
+use crate::api::sm::network::NetworkService;
 use crate::api::sm::server::{TlsPem, serve};
 use crate::api::sm::{SmConfig, SmController};
 use crate::engine::{self, Clock, StoreSink};
@@ -18,9 +21,13 @@ use tonic::transport::Channel;
 pub struct SimUnit {
     pub store: Arc<Store>,
     pub sm: SmController,
+    pub network: NetworkService,
+    /// The embedded DNS server, on 127.0.0.1.
+    pub dns: Arc<DnsServer>,
     pub addr: SocketAddr,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     server_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Milliseconds since the epoch from the system clock.
@@ -95,10 +102,17 @@ impl SimUnit {
         let sm = SmController::new(store.clone(), config, clock.clone());
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        let dns = Arc::new(
+            DnsServer::start(DnsConfig::new(SocketAddr::from(([127, 0, 0, 1], 0))))
+                .await
+                .map_err(|e| SimUnitError::Other(e.to_string()))?,
+        );
+        let network = NetworkService::new(store.clone(), vec![dns.local_addr().ip().to_string()]);
         let (server_stop, rx) = tokio::sync::oneshot::channel::<()>();
         let server_sm = sm.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve(listener, server_sm, tls, async {
+        let server_net = network.clone();
+        let server = tokio::spawn(async move {
+            if let Err(e) = serve(listener, server_sm, Some(server_net), tls, async {
                 let _ = rx.await;
             })
             .await
@@ -122,13 +136,17 @@ impl SimUnit {
         );
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let changes = store.subscribe();
-        tokio::spawn(runner.run(changes, stop_rx));
+        let zone = tokio::spawn(keep_in_sync(store.clone(), dns.clone(), stop_rx.clone()));
+        let runner = tokio::spawn(runner.run(changes, stop_rx));
         Ok(SimUnit {
             store,
             sm,
+            network,
+            dns,
             addr,
             stop: Some(stop),
             server_stop: Some(server_stop),
+            tasks: vec![server, zone, runner],
         })
     }
 
@@ -160,6 +178,15 @@ impl SimUnit {
         cond: impl Fn(&Snapshot) -> bool,
     ) -> Result<Snapshot, SimUnitError> {
         wait_for(&self.store, timeout, cond).await
+    }
+
+    /// Shuts down and waits until the server, runner and zone tasks have ended, so that the
+    /// store can be opened again (a restart within one process).
+    pub async fn stop(mut self) {
+        self.shutdown();
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
     }
 
     pub fn shutdown(&mut self) {

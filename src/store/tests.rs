@@ -220,6 +220,7 @@ fn full_snapshot() -> Snapshot {
             subnet: Ipv4Net::parse("172.17.0.0/16").unwrap(),
             vlan_id: 7,
             hosts: BTreeMap::from([("node0".to_string(), Ipv4Addr::new(172, 17, 0, 1))]),
+            sm_hosts: Default::default(),
         },
     );
     s.allocations.instance_ips.insert(

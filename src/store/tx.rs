@@ -317,6 +317,23 @@ impl<'a> Tx<'a> {
         self.write_diff(&before, &after)
     }
 
+    /// Carries out several actions in this transaction: one read of whatever they touch, the
+    /// projections in order, one write of what differs.
+    pub fn apply_batch(&mut self, actions: &[Action], now: UnixMillis) -> Result<(), StoreError> {
+        match actions {
+            [] => Ok(()),
+            [one] => self.apply(one, now),
+            many => {
+                let before = self.snapshot()?;
+                let mut after = before.clone();
+                for action in many {
+                    project::apply(&mut after, action, now);
+                }
+                self.write_diff(&before, &after)
+            }
+        }
+    }
+
     /// The entries an action's projection reads and writes, when that is a known few;
     /// `None` when it needs whole tables.
     fn partial(&self, action: &Action) -> Result<Option<Snapshot>, StoreError> {
@@ -348,16 +365,12 @@ impl<'a> Tx<'a> {
                 }
             }
             Action::StopInstance { .. } => {}
-            Action::AllocateNetwork { network_id, .. }
-            | Action::AttachHost { network_id, .. }
-            | Action::DetachHost { network_id, .. } => {
+            Action::AllocateNetwork { network_id, .. } | Action::DetachHost { network_id, .. } => {
                 if let Some(n) = self.network(network_id)? {
                     s.allocations.networks.insert(network_id.clone(), n);
                 }
             }
-            Action::AssignInstanceIp { ident, .. }
-            | Action::SetFirewallRules { ident, .. }
-            | Action::ReleaseInstanceIp { ident } => {
+            Action::SetFirewallRules { ident, .. } | Action::ReleaseInstanceIp { ident } => {
                 if let Some(a) = self.instance_ip(ident)? {
                     s.allocations.instance_ips.insert(ident.clone(), a);
                 }
@@ -374,6 +387,8 @@ impl<'a> Tx<'a> {
             // network) or at the desired state.
             Action::ReleaseInstance { .. }
             | Action::ReleaseNetwork { .. }
+            | Action::AttachHost { .. }
+            | Action::AssignInstanceIp { .. }
             | Action::InstallUnitConfig { .. } => return Ok(None),
         }
         Ok(Some(s))

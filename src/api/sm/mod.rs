@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod convert;
 pub mod intake;
+pub mod network;
 pub mod server;
 
 pub use controller::{SmConfig, SmController, SmError};

@@ -1,4 +1,4 @@
-//! Serving SMService (and, once it lands, NetworkService) on `cmServerUrl`: plaintext only when
+//! Serving SMService and NetworkService on `cmServerUrl`: plaintext only when
 //! the config says so explicitly, otherwise mTLS with client certificates required and
 //! verified against `caCert`.
 
@@ -20,6 +20,7 @@ pub struct TlsPem {
 pub async fn serve(
     listener: TcpListener,
     sm: SmController,
+    network: Option<super::network::NetworkService>,
     tls: Option<TlsPem>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
@@ -34,6 +35,7 @@ pub async fn serve(
     }
     builder
         .add_service(sm.service())
+        .add_optional_service(network.map(|n| n.service()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

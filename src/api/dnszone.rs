@@ -1,0 +1,79 @@
+//! Keeps the embedded DNS server's zone equal to the stored instance addresses: the zone is
+//! derived from the store on start and after every commit that changes addresses, placements
+//! or SM network parameters. A name bound to two addresses is a condition until resolved.
+
+use crate::api::dns::DnsServer;
+use crate::model::Condition;
+use crate::reconcilers::network::zone_records;
+use crate::store::{Store, StoreError, tables};
+use std::sync::Arc;
+
+const WATCHED: [&str; 4] = [
+    tables::INSTANCE_IPS,
+    tables::NETWORK_PARAMS,
+    tables::PLACEMENTS,
+    tables::DESIRED,
+];
+
+/// Sets the zone from the store once; returns the number of names served.
+pub fn sync_once(store: &Store, dns: &DnsServer) -> Result<usize, StoreError> {
+    let snap = store.snapshot()?;
+    let zone = zone_records(&snap);
+    let conflicts = dns.set_records(&zone).err().unwrap_or_default();
+    store.write(|tx| {
+        let existing = tx.conditions()?;
+        let mut keep = std::collections::BTreeSet::new();
+        for c in &conflicts {
+            let key = format!("dns/{}", c.name);
+            let ips: Vec<String> = c.ips.iter().map(|i| i.to_string()).collect();
+            let cond = Condition::new(
+                format!("dns name {}", c.name),
+                "NameConflict",
+                format!("bound to {}: not served", ips.join(" and ")),
+            );
+            if existing.get(&key).map(|e| (&e.reason, &e.message))
+                != Some((&cond.reason, &cond.message))
+            {
+                tx.put_condition(&key, &cond)?;
+            }
+            keep.insert(key);
+        }
+        for key in existing.keys() {
+            if key.starts_with("dns/") && !keep.contains(key) {
+                tx.remove_condition(key)?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(zone.len() - conflicts.len())
+}
+
+/// Follows the store until `shutdown` turns true.
+pub async fn keep_in_sync(
+    store: Arc<Store>,
+    dns: Arc<DnsServer>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut changes = store.subscribe();
+    if let Err(e) = sync_once(&store, &dns) {
+        tracing::warn!(error = %e, "could not set the DNS zone");
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            got = changes.recv() => match got {
+                Some(tables) if tables.iter().any(|t| WATCHED.contains(t)) => {
+                    // Coalesce a burst of commits into one update.
+                    while let Ok(more) = changes.try_recv() {
+                        let _ = more;
+                    }
+                    if let Err(e) = sync_once(&store, &dns) {
+                        tracing::warn!(error = %e, "could not update the DNS zone");
+                    }
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+}
