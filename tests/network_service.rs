@@ -473,3 +473,88 @@ async fn allocations_are_the_same_after_a_restart() {
         before.networks
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_replace_queue_and_sync_pushes_differences() {
+    let unit = Unit::start(&example("fresh-install"), SmConfig::default(), None).await;
+    let mut c = client(unit.addr).await;
+    node_params(&mut c, "netA", "n1").await;
+    node_params(&mut c, "netB", "n2").await;
+    // n1 is not subscribed when its pending connection resolves: the update is kept.
+    allocate(
+        &mut c,
+        "client",
+        0,
+        "netA",
+        "n1",
+        &[],
+        &["server/8443"],
+        &[],
+    )
+    .await;
+    let srv = allocate(&mut c, "server", 0, "netB", "n2", &[], &[], &["8443/tcp"]).await;
+    let subscribe = |mut c: Client| async move {
+        c.subscribe_instance_network_updates(pb::SubscribeInstanceNetworkUpdatesRequest {
+            node_id: "n1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    };
+    let mut first = subscribe(c.clone()).await;
+    let queued = tokio::time::timeout(Duration::from_secs(5), first.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(pb::instance_network_update_notification::Update::PendingFirewallUpdate(u)) =
+        queued.update
+    else {
+        panic!("{queued:?}")
+    };
+    assert_eq!(
+        u.firewall_rules[0].dst_ip, srv.ip,
+        "the queued update is delivered on subscribe"
+    );
+
+    // A newer subscription replaces the older one, whose stream ends.
+    let mut second = subscribe(c.clone()).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), first.message())
+        .await
+        .unwrap();
+    assert!(matches!(ended, Ok(None)), "{ended:?}");
+
+    // SyncNetworkState with rules that differ from the CM's: the right ones are pushed.
+    let cl = unit.store.snapshot().unwrap().allocations.instance_ips
+        [&aos_cm::model::InstanceIdent::new("client", "subj", 0)]
+        .ip
+        .to_string();
+    c.sync_network_state(pb::SyncNetworkStateRequest {
+        node_id: "n1".into(),
+        instances: vec![pb::InstanceNetworkStateInfo {
+            instance: Some(ident("client", 0)),
+            network_id: "netA".into(),
+            ip: cl,
+            firewall_rules: vec![],
+        }],
+    })
+    .await
+    .unwrap();
+    let pushed = tokio::time::timeout(Duration::from_secs(5), second.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(pb::instance_network_update_notification::Update::PendingFirewallUpdate(u)) =
+        pushed.update
+    else {
+        panic!("{pushed:?}")
+    };
+    assert_eq!(
+        (
+            u.firewall_rules[0].dst_ip.as_str(),
+            u.firewall_rules[0].dst_port.as_str()
+        ),
+        (srv.ip.as_str(), "8443")
+    );
+}

@@ -77,3 +77,36 @@ pub async fn keep_in_sync(
         }
     }
 }
+
+/// Resolvers named by a resolv.conf text (`nameserver` lines), port 53; the embedded server
+/// forwards names outside its zone to them. Loopback resolvers (a local stub resolver) are
+/// kept; the caller must not point them back at the embedded server.
+pub fn resolvers_from_resolv_conf(text: &str) -> Vec<std::net::SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split(['#', ';']).next().unwrap_or("").trim();
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+                .map(|ip| std::net::SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers_in_order() {
+        let text = "# generated\nsearch lan\nnameserver 192.0.2.53\nnameserver  2001:db8::1 # v6\n;nameserver 198.51.100.1\nnameserver bogus\noptions ndots:1\n";
+        let got: Vec<String> = resolvers_from_resolv_conf(text)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, vec!["192.0.2.53:53", "[2001:db8::1]:53"]);
+        assert!(resolvers_from_resolv_conf("").is_empty());
+    }
+}
