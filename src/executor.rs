@@ -20,23 +20,91 @@ use crate::store::Store;
 use std::sync::Arc;
 
 pub struct UnitExecutor {
-    pub store: Arc<Store>,
-    pub sm: SmController,
-    pub clock: Clock,
+    store: Arc<Store>,
+    sm: SmController,
+    clock: Clock,
+    placements: PlacementCommitter,
+}
+
+impl UnitExecutor {
+    /// Needs a tokio runtime: it starts the placement committer.
+    pub fn new(store: Arc<Store>, sm: SmController, clock: Clock) -> UnitExecutor {
+        UnitExecutor {
+            placements: PlacementCommitter::start(store.clone()),
+            store,
+            sm,
+            clock,
+        }
+    }
 }
 
 impl Executor<Action> for UnitExecutor {
     fn execute(&self, batch: Vec<Action>) -> ExecFuture {
         let store = self.store.clone();
         let sm = self.sm.clone();
+        let committer = self.placements.clone();
         let now = (self.clock)();
-        Box::pin(async move { run_batch(&store, &sm, batch, now).await })
+        Box::pin(async move { run_batch(&store, &sm, &committer, batch, now).await })
+    }
+}
+
+type CommitRequest = (
+    Vec<InstancePlacement>,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
+
+/// Group commit of placements: node batches run concurrently and each must have its
+/// placements durable before the node hears of them; one task takes every request waiting and
+/// commits them in one transaction (one fsync) instead of one each.
+#[derive(Clone)]
+struct PlacementCommitter {
+    tx: tokio::sync::mpsc::UnboundedSender<CommitRequest>,
+}
+
+impl PlacementCommitter {
+    fn start(store: Arc<Store>) -> PlacementCommitter {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<CommitRequest>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut group = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    group.push(more);
+                }
+                let result = store
+                    .write(|tx| {
+                        for (placements, _) in &group {
+                            for p in placements {
+                                if p.gid != 0 && tx.gid(&p.ident.item_id)?.is_none() {
+                                    tx.set_gid(&p.ident.item_id, p.gid)?;
+                                }
+                                tx.put_placement(p)?;
+                            }
+                        }
+                        Ok(())
+                    })
+                    .map_err(|e| e.to_string());
+                for (_, done) in group {
+                    let _ = done.send(result.clone());
+                }
+            }
+        });
+        PlacementCommitter { tx }
+    }
+
+    async fn commit(&self, placements: Vec<InstancePlacement>) -> Result<(), String> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((placements, done))
+            .map_err(|_| "the placement committer has stopped".to_string())?;
+        wait.await
+            .map_err(|_| "the placement committer has stopped".to_string())?
     }
 }
 
 async fn run_batch(
     store: &Arc<Store>,
     sm: &SmController,
+    committer: &PlacementCommitter,
     batch: Vec<Action>,
     now: UnixMillis,
 ) -> Result<(), String> {
@@ -45,7 +113,7 @@ async fn run_batch(
     };
     match first {
         Action::StartInstance(_) | Action::StopInstance { .. } => {
-            update_node(store, sm, &batch).await
+            update_node(store, sm, committer, &batch).await
         }
         Action::PushNodeConfig { .. } => {
             for a in &batch {
@@ -74,6 +142,7 @@ async fn run_batch(
 async fn update_node(
     store: &Arc<Store>,
     sm: &SmController,
+    committer: &PlacementCommitter,
     batch: &[Action],
 ) -> Result<(), String> {
     let mut node = String::new();
@@ -102,18 +171,11 @@ async fn update_node(
     }
     // Allocations first, durably: the placement and the item's GID are recorded before the
     // node hears of them.
-    store
-        .write(|tx| {
-            for s in &starts {
-                let p = &s.placement;
-                if p.gid != 0 && tx.gid(&p.ident.item_id)?.is_none() {
-                    tx.set_gid(&p.ident.item_id, p.gid)?;
-                }
-                tx.put_placement(p)?;
-            }
-            Ok(())
-        })
-        .map_err(|e| e.to_string())?;
+    if !starts.is_empty() {
+        committer
+            .commit(starts.iter().map(|s| s.placement.clone()).collect())
+            .await?;
+    }
 
     let cfg = sm.config();
     let paths = InstancePaths {

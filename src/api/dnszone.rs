@@ -8,18 +8,27 @@ use crate::reconcilers::network::zone_records;
 use crate::store::{Store, StoreError, tables};
 use std::sync::Arc;
 
-const WATCHED: [&str; 4] = [
-    tables::INSTANCE_IPS,
-    tables::NETWORK_PARAMS,
-    tables::PLACEMENTS,
-    tables::DESIRED,
-];
+/// Names change only with addresses and SM parameters (a hostname from the item config comes
+/// with the address the reconciler assigns).
+const WATCHED: [&str; 2] = [tables::INSTANCE_IPS, tables::NETWORK_PARAMS];
 
-/// Sets the zone from the store once; returns the number of names served.
-pub fn sync_once(store: &Store, dns: &DnsServer) -> Result<usize, StoreError> {
+/// How long changes are collected before the zone is rebuilt: well inside the one second in
+/// which a name must follow its address, and it keeps a burst of commits to one rebuild.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Sets the zone from the store once; returns the number of names served and whether any
+/// name conflicts.
+pub fn sync_once(
+    store: &Store,
+    dns: &DnsServer,
+    had_conflicts: bool,
+) -> Result<(usize, bool), StoreError> {
     let snap = store.snapshot()?;
     let zone = zone_records(&snap);
     let conflicts = dns.set_records(&zone).err().unwrap_or_default();
+    if conflicts.is_empty() && !had_conflicts {
+        return Ok((zone.len(), false));
+    }
     store.write(|tx| {
         let existing = tx.conditions()?;
         let mut keep = std::collections::BTreeSet::new();
@@ -45,7 +54,7 @@ pub fn sync_once(store: &Store, dns: &DnsServer) -> Result<usize, StoreError> {
         }
         Ok(())
     })?;
-    Ok(zone.len() - conflicts.len())
+    Ok((zone.len() - conflicts.len(), !conflicts.is_empty()))
 }
 
 /// Follows the store until `shutdown` turns true.
@@ -55,25 +64,28 @@ pub async fn keep_in_sync(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut changes = store.subscribe();
-    if let Err(e) = sync_once(&store, &dns) {
-        tracing::warn!(error = %e, "could not set the DNS zone");
+    // Conditions may be left from a previous run: look once.
+    let mut conflicts = true;
+    match sync_once(&store, &dns, conflicts) {
+        Ok((_, c)) => conflicts = c,
+        Err(e) => tracing::warn!(error = %e, "could not set the DNS zone"),
     }
     loop {
-        tokio::select! {
+        let got = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return,
-            got = changes.recv() => match got {
-                Some(tables) if tables.iter().any(|t| WATCHED.contains(t)) => {
-                    // Coalesce a burst of commits into one update.
-                    while let Ok(more) = changes.try_recv() {
-                        let _ = more;
-                    }
-                    if let Err(e) = sync_once(&store, &dns) {
-                        tracing::warn!(error = %e, "could not update the DNS zone");
-                    }
+            got = changes.recv() => got,
+        };
+        match got {
+            Some(tables) if tables.iter().any(|t| WATCHED.contains(t)) => {
+                tokio::time::sleep(SETTLE).await;
+                while changes.try_recv().is_ok() {}
+                match sync_once(&store, &dns, conflicts) {
+                    Ok((_, c)) => conflicts = c,
+                    Err(e) => tracing::warn!(error = %e, "could not update the DNS zone"),
                 }
-                Some(_) => {}
-                None => return,
             }
+            Some(_) => {}
+            None => return,
         }
     }
 }

@@ -150,11 +150,10 @@ impl Action {
             Action::DownloadBlob { digest, .. } | Action::DeleteBlob { digest } => {
                 format!("blob/{digest}")
             }
-            Action::InstallItem {
-                item_id, version, ..
+            // Item states change together, in one transaction per plan.
+            Action::InstallItem { .. } | Action::RemoveItem { .. } | Action::DeleteItem { .. } => {
+                "items".to_string()
             }
-            | Action::RemoveItem { item_id, version }
-            | Action::DeleteItem { item_id, version } => format!("item/{item_id}/{version}"),
             // Starts and stops of one node go out together, in one UpdateInstances.
             Action::StartInstance(s) => format!("node/{}", s.placement.node_id),
             Action::StopInstance { node_id, .. } => format!("node/{node_id}"),

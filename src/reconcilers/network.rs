@@ -196,12 +196,13 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         .keys()
         .filter(|k| snap.observed.network_params.contains_key(*k))
         .collect();
-    let sm_nets: BTreeSet<&str> = allocs
+    let sm_hosts_held: BTreeSet<(&str, &str)> = allocs
         .instance_ips
         .iter()
         .filter(|(k, _)| sm_held.contains(k))
-        .map(|(_, a)| a.network_id.as_str())
+        .map(|(_, a)| (a.network_id.as_str(), a.node_id.as_str()))
         .collect();
+    let sm_nets: BTreeSet<&str> = sm_hosts_held.iter().map(|(n, _)| *n).collect();
     for (ident, addr) in &allocs.instance_ips {
         let keep = sm_held.contains(ident)
             || members
@@ -225,9 +226,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
         for node in net.hosts.keys() {
             if !needed_hosts.contains(&(net_id.as_str(), node.as_str()))
                 && !net.sm_hosts.contains(node)
-                && !allocs.instance_ips.iter().any(|(k, a)| {
-                    sm_held.contains(k) && a.network_id == *net_id && a.node_id == *node
-                })
+                && !sm_hosts_held.contains(&(net_id.as_str(), node.as_str()))
             {
                 plan.actions.push(Action::DetachHost {
                     network_id: net_id.clone(),

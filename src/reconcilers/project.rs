@@ -173,6 +173,15 @@ pub fn apply(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
 /// `wanted` if nothing in the network uses it, else the lowest free address.
 fn untaken(a: &Allocations, network_id: &str, wanted: Ipv4Addr) -> Option<Ipv4Addr> {
     let net = a.networks.get(network_id)?;
+    let in_use = |ip: Ipv4Addr| {
+        net.hosts.values().any(|h| *h == ip)
+            || a.instance_ips
+                .values()
+                .any(|x| x.network_id == network_id && x.ip == ip)
+    };
+    if net.subnet.contains(wanted) && !in_use(wanted) {
+        return Some(wanted);
+    }
     let mut used: BTreeSet<Ipv4Addr> = net.hosts.values().copied().collect();
     used.extend(
         a.instance_ips

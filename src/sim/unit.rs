@@ -120,11 +120,7 @@ impl SimUnit {
                 tracing::error!(error = %e, "SM server stopped");
             }
         });
-        let exec = Arc::new(UnitExecutor {
-            store: store.clone(),
-            sm: sm.clone(),
-            clock: clock.clone(),
-        });
+        let exec = Arc::new(UnitExecutor::new(store.clone(), sm.clone(), clock.clone()));
         let runner = Runner::new(
             engine::reconcilers(store.clone(), clock.clone()),
             exec,

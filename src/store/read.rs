@@ -322,6 +322,17 @@ impl Reader<'_> {
         })
     }
 
+    /// The network part of the allocations (networks, addresses, firewall rules); placements
+    /// and GIDs are left empty.
+    pub fn network_allocations(&self) -> Result<Allocations, StoreError> {
+        Ok(Allocations {
+            networks: self.string_keyed(t::NETWORKS)?,
+            instance_ips: self.ident_keyed(t::INSTANCE_IPS)?,
+            firewall: self.ident_keyed(t::FIREWALL)?,
+            ..Allocations::default()
+        })
+    }
+
     pub fn observed(&self) -> Result<ObservedUnit, StoreError> {
         Ok(ObservedUnit {
             nodes: self.nodes()?,

@@ -324,7 +324,27 @@ impl<'a> Tx<'a> {
             [] => Ok(()),
             [one] => self.apply(one, now),
             many => {
-                let before = self.snapshot()?;
+                // Network allocations only look at the allocations; other batches at everything.
+                let allocations_only = many.iter().all(|a| {
+                    matches!(
+                        a,
+                        Action::AllocateNetwork { .. }
+                            | Action::AttachHost { .. }
+                            | Action::DetachHost { .. }
+                            | Action::AssignInstanceIp { .. }
+                            | Action::SetFirewallRules { .. }
+                            | Action::ReleaseInstanceIp { .. }
+                            | Action::ReleaseNetwork { .. }
+                    )
+                });
+                let before = if allocations_only {
+                    Snapshot {
+                        allocations: self.network_allocations()?,
+                        ..Snapshot::default()
+                    }
+                } else {
+                    self.snapshot()?
+                };
                 let mut after = before.clone();
                 for action in many {
                     project::apply(&mut after, action, now);
