@@ -107,9 +107,64 @@ pub fn resolvers_from_resolv_conf(text: &str) -> Vec<std::net::SocketAddr> {
         .collect()
 }
 
+/// The embedded DNS server's settings from aos_cm.cfg: it listens on `dnsIp` (`ip` for port
+/// 53, or `ip:port`) and forwards other names to the resolvers of `resolv_conf` (the host's
+/// /etc/resolv.conf); `None` when `dnsIp` is unset (no DNS server). Instances get the listen
+/// address as their DNS server.
+pub fn dns_config(
+    dns_ip: &str,
+    resolv_conf: Option<&str>,
+) -> Result<Option<crate::api::dns::DnsConfig>, String> {
+    let dns_ip = dns_ip.trim();
+    if dns_ip.is_empty() {
+        return Ok(None);
+    }
+    let listen = dns_ip
+        .parse::<std::net::SocketAddr>()
+        .or_else(|_| {
+            dns_ip
+                .parse::<std::net::IpAddr>()
+                .map(|ip| std::net::SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("dnsIp: {dns_ip:?} is not an IP address or ip:port"))?;
+    let mut config = crate::api::dns::DnsConfig::new(listen);
+    config.upstream = resolv_conf
+        .map(resolvers_from_resolv_conf)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| *r != listen)
+        .collect();
+    Ok(Some(config))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_config_from_dns_ip_and_resolv_conf() {
+        assert!(dns_config("", None).unwrap().is_none());
+        let c = dns_config(
+            "10.0.0.100",
+            Some("nameserver 192.0.2.1\nnameserver 10.0.0.100\n"),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "10.0.0.100:53");
+        // The server never forwards to itself.
+        assert_eq!(
+            c.upstream.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            vec!["192.0.2.1:53"]
+        );
+        let c = dns_config("127.0.0.1:5353", None).unwrap().unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5353");
+        assert!(
+            c.upstream.is_empty(),
+            "no resolvers: names outside the zone are refused"
+        );
+        let e = dns_config("ten.zero", None).unwrap_err();
+        assert!(e.contains("dnsIp"), "{e}");
+    }
 
     #[test]
     fn resolv_conf_nameservers_in_order() {
