@@ -83,23 +83,7 @@ fn unit_to_run(
                 .snapshot
         }
     };
-    // The SMs connect and report for themselves; IAM's node info stays.
-    let mut sms = Vec::new();
-    for (id, n) in snap.observed.nodes.iter_mut() {
-        if let Some(sm) = n.sm.take() {
-            sms.push((id.clone(), sm));
-        }
-        n.connection = Connection::Disconnected { since: 0 };
-        n.node_config = None;
-    }
-    // As if every item had been downloaded.
-    let blobs: Vec<Digest> = snap
-        .catalogue
-        .images
-        .values()
-        .flat_map(|i| i.blobs())
-        .collect();
-    snap.observed.blobs.extend(blobs);
+    let sms = crate::sim::unit::before_sms_connect(&mut snap);
     Ok((snap, sms))
 }
 

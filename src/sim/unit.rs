@@ -234,6 +234,28 @@ pub async fn wait_for(
     }
 }
 
+/// Turns a scenario's snapshot into the store of a unit whose SMs have not connected yet, with
+/// every item downloaded: IAM's node info stays, each node's SMInfo is taken out and returned
+/// (the simulated SMs send it themselves), and every blob of the catalogue is present.
+pub fn before_sms_connect(snap: &mut Snapshot) -> Vec<(String, SmInfo)> {
+    let mut sms = Vec::new();
+    for (id, n) in snap.observed.nodes.iter_mut() {
+        if let Some(sm) = n.sm.take() {
+            sms.push((id.clone(), sm));
+        }
+        n.connection = Connection::Disconnected { since: 0 };
+        n.node_config = None;
+    }
+    let blobs: Vec<Digest> = snap
+        .catalogue
+        .images
+        .values()
+        .flat_map(|i| i.blobs())
+        .collect();
+    snap.observed.blobs.extend(blobs);
+    sms
+}
+
 /// Every placed instance reported active, and nothing left to plan.
 pub fn converged(snap: &Snapshot) -> bool {
     let plans_empty = ReconcilerKind::ALL

@@ -30,21 +30,7 @@ pub struct Unit {
 pub fn seed(store: &Store, dir: &Path) -> Vec<(String, SmInfo)> {
     let sc = scenario::load(dir).unwrap();
     let mut snap = sc.snapshot;
-    let mut sms = Vec::new();
-    for (id, n) in snap.observed.nodes.iter_mut() {
-        if let Some(sm) = n.sm.take() {
-            sms.push((id.clone(), sm));
-        }
-        n.connection = Connection::Disconnected { since: 0 };
-        n.node_config = None;
-    }
-    let all_blobs: Vec<Digest> = snap
-        .catalogue
-        .images
-        .values()
-        .flat_map(|i| i.blobs())
-        .collect();
-    snap.observed.blobs.extend(all_blobs);
+    let sms = unit::before_sms_connect(&mut snap);
     store.write(|tx| tx.set_snapshot(&snap)).unwrap();
     sms
 }
