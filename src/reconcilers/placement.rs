@@ -337,7 +337,8 @@ pub fn choose_from(
                     .cmp(&nb.config.priority)
                     .then_with(|| node.cpu_free.cmp(&nb.cpu_free))
                     .then_with(|| node.ram_free.cmp(&nb.ram_free))
-                    .then_with(|| nb.node_id.cmp(&node.node_id))
+                    // Budgets are in node ID order, so the index stands for the ID.
+                    .then_with(|| b.cmp(&i))
                     .then_with(|| rb.cmp(&r))
                     .is_gt()
             }
