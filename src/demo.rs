@@ -32,6 +32,8 @@ pub struct DemoOptions {
     /// Nodes left to SMs that connect from outside.
     pub external: Vec<String>,
     pub timeout: Duration,
+    /// Keep the store here (for `aos-cm status`) instead of a temporary directory.
+    pub workdir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +200,15 @@ fn summary(snap: &Snapshot, out: &mut impl Write) {
 
 /// Runs the demo, printing progress to `out`. Ok once converged.
 pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(), DemoError> {
-    let dir = workdir().map_err(setup("creating a working directory"))?;
+    let keep = opts.workdir.is_some();
+    let dir = match &opts.workdir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(setup("creating the working directory"))?;
+            let _ = std::fs::remove_file(d.join("cm.redb"));
+            d.clone()
+        }
+        None => workdir().map_err(setup("creating a working directory"))?,
+    };
     let (snap, sms) = unit_to_run(&opts, &dir)?;
     let store_path = dir.join("cm.redb");
     {
@@ -207,7 +217,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
             .write(|tx| tx.set_snapshot(&snap))
             .map_err(setup("seeding the store"))?;
     }
-    let mut unit = SimUnit::start_at(
+    let unit = SimUnit::start_at(
         &store_path,
         opts.sm_listen,
         SmConfig::default(),
@@ -313,7 +323,16 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
         }
     };
     drop(sims);
-    unit.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
+    unit.stop().await;
+    if keep {
+        let _ = writeln!(
+            out,
+            "\nthe store is kept in {}: `aos-cm status --store {}` shows it",
+            dir.display(),
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     result
 }

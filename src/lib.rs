@@ -12,4 +12,5 @@ pub mod reconcilers;
 pub mod render;
 pub mod scenario;
 pub mod sim;
+pub mod status;
 pub mod store;

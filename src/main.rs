@@ -68,6 +68,24 @@ enum Command {
         /// Give up after this many seconds
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Keep the store in this directory afterwards (for `aos-cm status --store DIR`)
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+    },
+    /// Show what a daemon's store says: nodes, items, instances, networks and open conditions.
+    ///
+    /// Reads the store of a running or stopped daemon: --store names its working directory
+    /// (holding cm.redb) or the file; -c reads workingDir from an aos_cm.cfg.
+    Status {
+        /// The daemon config, for its workingDir
+        #[arg(short = 'c', long = "config", conflicts_with = "store")]
+        config: Option<PathBuf>,
+        /// The store: a working directory holding cm.redb, or the file
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a v7 cloud frame, a unit config or an aos_cm.cfg file.
     ///
@@ -108,12 +126,14 @@ fn main() -> ExitCode {
             sm_listen,
             external,
             timeout,
+            workdir,
         } => demo(aos_cm::demo::DemoOptions {
             nodes,
             instances,
             sm_listen,
             external,
             timeout: std::time::Duration::from_secs(timeout),
+            workdir,
         }),
         Command::Plan {
             scenario,
@@ -125,6 +145,11 @@ fn main() -> ExitCode {
             (None, None) => Err(anyhow::anyhow!("give a scenario folder or --store")),
         },
         Command::Validate { file, kind } => validate(&file, kind),
+        Command::Status {
+            config,
+            store,
+            json,
+        } => status(config, store, json),
     };
     match result {
         Ok(code) => code,
@@ -169,6 +194,40 @@ fn demo(opts: aos_cm::demo::DemoOptions) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn status(
+    config: Option<PathBuf>,
+    store: Option<PathBuf>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let path = match (config, store) {
+        (_, Some(s)) => s,
+        (Some(c), None) => {
+            let (cfg, _) = Config::load(&c).map_err(|e| anyhow::anyhow!("{e}"))?;
+            cfg.store_path()
+        }
+        (None, None) => {
+            anyhow::bail!("give --store DIR or -c aos_cm.cfg")
+        }
+    };
+    let (snap, conditions, progress) = aos_cm::status::load(&path)?;
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&aos_cm::status::json(
+                &snap,
+                &conditions,
+                progress.as_deref()
+            ))?
+        );
+    } else {
+        print!(
+            "{}",
+            aos_cm::status::text(&snap, &conditions, progress.as_deref())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_plans(plans: &[aos_cm::model::Plan], as_json: bool) -> anyhow::Result<()> {

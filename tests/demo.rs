@@ -49,3 +49,45 @@ fn demo_scales_and_rejects_non_loopback_listen() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback only"));
 }
+
+#[test]
+fn status_reads_the_store_the_demo_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_aos-cm");
+    let out = Command::new(bin)
+        .arg("demo")
+        .arg("--workdir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(bin)
+        .args(["status", "--store"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("nodes (3):"), "{text}");
+    assert!(text.contains("instances (6):"), "{text}");
+    assert!(text.contains("networks (2):"), "{text}");
+    assert!(text.contains("conditions (0):"), "{text}");
+    let out = Command::new(bin)
+        .args(["status", "--json", "--store"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["placements"].as_array().unwrap().len(), 6);
+    let missing = Command::new(bin)
+        .args(["status", "--store", "/nonexistent-aos-cm"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no store there"));
+}
