@@ -177,7 +177,7 @@ fn untaken(a: &Allocations, network_id: &str, wanted: Ipv4Addr) -> Option<Ipv4Ad
         net.hosts.values().any(|h| *h == ip)
             || a.instance_ips
                 .values()
-                .any(|x| x.network_id == network_id && x.ip == ip)
+                .any(|x| x.ip == ip && x.network_id == network_id)
     };
     if net.subnet.contains(wanted) && !in_use(wanted) {
         return Some(wanted);
