@@ -301,10 +301,17 @@ fn validate(file: &std::path::Path, kind: Option<Kind>) -> anyhow::Result<ExitCo
     match kind {
         Kind::Frame => {
             let mut probs = Problems::default();
-            if let Some((_, data, t)) = desired::envelope(&value, &mut probs)
-                && t == "desiredStatus"
-            {
-                desired::from_data(&data, &mut probs);
+            match desired::envelope(&value, &mut probs) {
+                Some((_, data, t)) if t == "desiredStatus" => {
+                    desired::from_data(&data, &mut probs);
+                }
+                // Every other message type: its body against the v7 message types.
+                Some(_) if probs.is_empty() => {
+                    if let Err(e) = aos_cm::api::cloud::messages::parse_incoming(&text) {
+                        probs.push("data", e);
+                    }
+                }
+                _ => {}
             }
             if !probs.is_empty() {
                 return report(&probs);

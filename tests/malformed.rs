@@ -271,3 +271,27 @@ fn malformed_unit_config_and_config() {
     assert_eq!(code, 2);
     assert!(err.contains("workingDir"), "{err}");
 }
+
+#[test]
+fn other_message_types_are_validated_too() {
+    let frame = |data: serde_json::Value| {
+        json!({"header": {"version": 7, "systemId": "unit", "createdAt": "2026-01-01T00:00:00.000000Z", "txn": "t"}, "data": data})
+            .to_string()
+    };
+    assert_eq!(validate(&frame(json!({"messageType": "ack"})), None).0, 0);
+    let (code, err) = validate(
+        &frame(json!({"messageType": "requestLog", "correlationId": "c", "logType": "systemLog"})),
+        None,
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("requestLog") && err.contains("filter"),
+        "{err}"
+    );
+    let (code, err) = validate(
+        &frame(json!({"messageType": "nack", "retryAfter": "soon"})),
+        None,
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("nack"), "{err}");
+}
