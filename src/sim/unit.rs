@@ -256,8 +256,12 @@ pub fn before_sms_connect(snap: &mut Snapshot) -> Vec<(String, SmInfo)> {
     sms
 }
 
-/// Every placed instance reported active, and nothing left to plan.
+/// Every node connected, every placed instance reported active, and nothing left to plan.
+/// (Without the first condition a unit can look converged before its last node has joined.)
 pub fn converged(snap: &Snapshot) -> bool {
+    if !snap.observed.nodes.values().all(|n| n.is_connected()) {
+        return false;
+    }
     let plans_empty = ReconcilerKind::ALL
         .iter()
         .all(|k| crate::reconcilers::plan_one(*k, snap, 0).actions.is_empty());
