@@ -3,6 +3,7 @@
 
 pub mod desired;
 pub mod messages;
+pub mod outbox;
 pub mod unitconfig;
 
 /// Protocol version carried in every envelope header.
