@@ -2,3 +2,4 @@
 //! config) parsed into the model's catalogue. Download and verification come later.
 
 pub mod oci;
+pub mod verify;
