@@ -2,6 +2,7 @@
 //! config, converted into model types with every error named by its JSON path.
 
 pub mod desired;
+pub mod discovery;
 pub mod messages;
 pub mod outbox;
 pub mod unitconfig;
