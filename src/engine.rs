@@ -58,13 +58,14 @@ fn plan_condition_key(kind: ReconcilerKind, c: &Condition) -> String {
 }
 
 /// Replaces the stored conditions of one reconciler's plan with the new ones, keeping the
-/// `since` of those that persist. Writes nothing when nothing changed.
+/// `since` of those that persist. Writes nothing when nothing changed. Returns whether the
+/// store now holds them.
 fn record_plan_conditions(
     store: &Store,
     kind: ReconcilerKind,
     conds: &[Condition],
     now: UnixMillis,
-) {
+) -> bool {
     let prefix = format!("plan/{kind}/");
     let result = store.write(|tx| {
         let existing = tx.conditions()?;
@@ -85,8 +86,12 @@ fn record_plan_conditions(
         }
         Ok(())
     });
-    if let Err(e) = result {
-        tracing::warn!(reconciler = %kind, error = %e, "could not record plan conditions");
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(reconciler = %kind, error = %e, "could not record plan conditions");
+            false
+        }
     }
 }
 
@@ -97,12 +102,23 @@ pub fn reconcilers(store: Arc<Store>, clock: Clock) -> Vec<Reconciler<Action>> {
         .map(|&kind| {
             let store = store.clone();
             let clock = clock.clone();
+            // The conditions this reconciler last recorded: most plans repeat them, and an
+            // unchanged set needs no write transaction. `None` until the first record, so a
+            // restart always reconciles with what the store kept.
+            let recorded: std::sync::Mutex<Option<Vec<Condition>>> = std::sync::Mutex::new(None);
             Reconciler::new(kind.as_str(), watches(kind), move || {
                 let now = clock();
                 match store.snapshot() {
                     Ok(snap) => {
                         let plan = plan_one(kind, &snap, now);
-                        record_plan_conditions(&store, kind, &plan.conditions, now);
+                        let mut last = recorded
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if last.as_deref() != Some(plan.conditions.as_slice())
+                            && record_plan_conditions(&store, kind, &plan.conditions, now)
+                        {
+                            *last = Some(plan.conditions.clone());
+                        }
                         plan.actions
                     }
                     Err(e) => {

@@ -255,10 +255,7 @@ fn plan_store(path: &std::path::Path, as_json: bool) -> anyhow::Result<ExitCode>
     let snap = store
         .snapshot()
         .with_context(|| format!("{}: reading the store", file.display()))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let now = aos_cm::sim::unit::wall_clock()();
     print_plans(&reconcilers::plan_all(&snap, now), as_json)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -446,32 +446,8 @@ fn now_us() -> u64 {
 
 /// RFC 3339 UTC with exactly six fractional digits, as every v7 timestamp is written.
 pub fn format_timestamp(micros_since_epoch: u64) -> String {
-    let secs = micros_since_epoch / 1_000_000;
-    let micros = micros_since_epoch % 1_000_000;
-    let (year, month, day) = civil_from_days(secs / 86_400);
-    let second_of_day = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        second_of_day / 3600,
-        second_of_day % 3600 / 60,
-        second_of_day % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm); std has no
-/// calendar and the allowed crates have none either.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+    // One formatter for every v7 timestamp.
+    crate::api::cloud::messages::format_time(i64::try_from(micros_since_epoch).unwrap_or(i64::MAX))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -112,15 +112,20 @@ impl Intake {
         true
     }
 
+    /// Keeps a log part; when full, the oldest part goes (counted).
     pub fn log(&self, node_id: &str, part: &pb::LogData) {
-        let mut b = self.lock();
-        if b.logs.len() >= LOG_PARTS {
-            b.logs.pop_front();
-            drop(b);
+        let overflow = {
+            let mut b = self.lock();
+            let full = b.logs.len() >= LOG_PARTS;
+            if full {
+                b.logs.pop_front();
+            }
+            b.logs.push_back((node_id.to_string(), part.clone()));
+            full
+        };
+        if overflow {
             self.count(|c| c.logs_overflow += 1);
-            b = self.lock();
         }
-        b.logs.push_back((node_id.to_string(), part.clone()));
     }
 
     /// Takes every cached alert, oldest first.
