@@ -1,6 +1,7 @@
 //! Simulated peers over real sockets, for tests, benchmarks and the demo: a Service Manager
 //! that registers as a node and runs instances in memory.
 
+pub mod cloud;
 pub mod sm;
 pub mod synthetic;
 pub mod unit;

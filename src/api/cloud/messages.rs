@@ -1502,6 +1502,114 @@ pub fn parse_incoming(text: &str) -> Result<Envelope, String> {
     Ok(Envelope { header, data })
 }
 
+/// Why an incoming frame was not accepted. Upstream drops all of these without an ACK.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Not JSON, not an object, or `header`/`data` missing or of the wrong shape.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// `header.version` is not 7.
+    #[error("header.version is {0}, expected 7")]
+    WrongVersion(u64),
+    /// `header.systemId` is not this unit's.
+    #[error("header.systemId is {0:?}, not this unit's")]
+    WrongSystemId(String),
+    /// `data.messageType` names no v7 message.
+    #[error("data.messageType: unknown value {0:?}")]
+    UnknownType(String),
+    /// The body of a known message type does not parse.
+    #[error("data ({message_type}): {error}")]
+    Body { message_type: String, error: String },
+}
+
+/// Parses and checks an incoming frame in the order upstream does: JSON, header (version 7, own
+/// system ID, keys matched case-insensitively), then `data.messageType`, then the body.
+pub fn parse_frame(text: &str, system_id: &str) -> Result<Envelope, FrameError> {
+    let raw: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError::Malformed(format!("invalid JSON: {e}")))?;
+    let mut root = match canonicalize_keys(raw) {
+        Value::Object(map) => map,
+        _ => {
+            return Err(FrameError::Malformed(
+                "frame is not a JSON object".to_owned(),
+            ));
+        }
+    };
+    let header_value = root
+        .remove("header")
+        .ok_or_else(|| FrameError::Malformed("missing `header`".to_owned()))?;
+    let header = Header::deserialize(&header_value)
+        .map_err(|e| FrameError::Malformed(format!("header: {e}")))?;
+    if header.version != PROTOCOL_VERSION {
+        return Err(FrameError::WrongVersion(header.version));
+    }
+    if header.system_id != system_id {
+        return Err(FrameError::WrongSystemId(header.system_id));
+    }
+    let data_value = root
+        .remove("data")
+        .ok_or_else(|| FrameError::Malformed("missing `data`".to_owned()))?;
+    let message_type = match data_value.get("messageType") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(FrameError::Malformed(
+                "data.messageType: not a string".to_owned(),
+            ));
+        }
+        None => {
+            return Err(FrameError::Malformed(
+                "data.messageType: missing".to_owned(),
+            ));
+        }
+    };
+    if !crate::api::cloud::desired::MESSAGE_TYPES.contains(&message_type.as_str()) {
+        return Err(FrameError::UnknownType(message_type));
+    }
+    let data = Message::deserialize(&data_value).map_err(|e| FrameError::Body {
+        message_type: message_type.clone(),
+        error: e.to_string(),
+    })?;
+    Ok(Envelope { header, data })
+}
+
+impl Message {
+    /// Whether an unacknowledged message of this type survives a link drop (errata 21).
+    /// Monitoring, unit status, new state, `issueUnitCertificates` and the provisioning responses
+    /// are dropped; the rest is kept and resent after the reconnect.
+    pub fn is_important(&self) -> bool {
+        !matches!(
+            self,
+            Self::MonitoringData(_)
+                | Self::UnitStatus(_)
+                | Self::NewState(_)
+                | Self::IssueUnitCertificates(_)
+                | Self::StartProvisioningResponse(_)
+                | Self::FinishProvisioningResponse(_)
+                | Self::DeprovisioningResponse(_)
+        )
+    }
+
+    /// Whether the cloud sends this type to the unit (the unit only receives these).
+    pub fn is_cloud_to_unit(&self) -> bool {
+        matches!(
+            self,
+            Self::Ack(_)
+                | Self::Nack(_)
+                | Self::DesiredStatus(_)
+                | Self::BlobUrls(_)
+                | Self::RequestLog(_)
+                | Self::UpdateState(_)
+                | Self::StateAcceptance(_)
+                | Self::OverrideEnvVars(_)
+                | Self::RenewCertificatesNotification(_)
+                | Self::IssuedUnitCertificates(_)
+                | Self::StartProvisioningRequest(_)
+                | Self::FinishProvisioningRequest(_)
+                | Self::DeprovisioningRequest(_)
+        )
+    }
+}
+
 /// Serialises an envelope to its JSON text.
 pub fn to_json(envelope: &Envelope) -> Result<String, String> {
     serde_json::to_string(envelope)

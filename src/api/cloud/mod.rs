@@ -3,8 +3,10 @@
 
 pub mod desired;
 pub mod discovery;
+pub mod link;
 pub mod messages;
 pub mod outbox;
+pub mod transport;
 pub mod unitconfig;
 
 /// Protocol version carried in every envelope header.

@@ -224,6 +224,18 @@ impl Outbox {
         }
     }
 
+    /// Forgets `txn` without counting it acked (a request whose caller gave up). Returns whether
+    /// it was queued.
+    pub fn remove(&mut self, txn: &str) -> bool {
+        match self.queue.iter().position(|e| e.msg.txn == txn) {
+            Some(i) => {
+                self.queue.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The cloud nacked `txn`: write it again at `now + retry_after`, with the
     /// ACK deadline counting from then; no retry is consumed. Returns whether
     /// it was queued.
