@@ -5,6 +5,7 @@ pub mod desired;
 pub mod discovery;
 pub mod messages;
 pub mod outbox;
+pub mod telemetry;
 pub mod unitconfig;
 
 /// Protocol version carried in every envelope header.
