@@ -1,11 +1,15 @@
-//! The cloud side: protocol v7 JSON. Here so far: the `desiredStatus` frame and the unit
-//! config, converted into model types with every error named by its JSON path.
+//! The cloud side: protocol v7. The link (`link`, `transport`, `outbox`, `discovery`), the
+//! message types (`messages`), the `desiredStatus` frame and unit config converted into model
+//! types with every error named by its JSON path (`desired`, `unitconfig`), SM telemetry turned
+//! into cloud messages (`telemetry`), certificate and provisioning handlers over IAM (`certs`).
 
+pub mod certs;
 pub mod desired;
 pub mod discovery;
 pub mod link;
 pub mod messages;
 pub mod outbox;
+pub mod telemetry;
 pub mod transport;
 pub mod unitconfig;
 
