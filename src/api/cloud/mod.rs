@@ -11,6 +11,7 @@ pub mod messages;
 pub mod outbox;
 pub mod telemetry;
 pub mod transport;
+pub mod unitstatus;
 pub mod unitconfig;
 
 /// Protocol version carried in every envelope header.
