@@ -1,6 +1,7 @@
 //! aos-cm: the Communication Manager of an AosEdge unit, built as a declarative reconciler.
 //! See ARCHITECTURE.md for the shape of the crate.
 
+pub mod agent;
 pub mod api;
 pub mod config;
 pub mod demo;

@@ -1,6 +1,8 @@
 //! A whole CM on loopback for tests, benchmarks and the demo: a store, the SM server on
 //! 127.0.0.1, the runner with the daemon's executor; simulated SMs connect to it.
 
+use crate::agent::{AgentConfig, CloudAgent, NoIam};
+use crate::api::cloud::link::{CloudLink, LinkConfig, LinkHandle};
 use crate::api::dns::{DnsConfig, DnsServer};
 use crate::api::dnszone::keep_in_sync;
 use crate::api::sm::network::NetworkService;
@@ -165,6 +167,45 @@ impl SimUnit {
             .await
             .map_err(|e| SimUnitError::Other(e.to_string()))?;
         Ok(sim)
+    }
+
+    /// Connects the unit to a cloud: starts the link (discovery, WebSocket) and the agent that
+    /// handles requests and sends statuses, alerts, monitoring and logs. Both stop with the
+    /// unit.
+    pub fn connect_cloud(
+        &mut self,
+        link: LinkConfig,
+        agent: AgentConfig,
+    ) -> (LinkHandle, Arc<CloudAgent<NoIam>>) {
+        let (handle, runner) = CloudLink::build(link);
+        let main_node = self
+            .store
+            .snapshot()
+            .ok()
+            .and_then(|s| {
+                s.observed
+                    .nodes
+                    .iter()
+                    .find(|(_, n)| n.info.attrs.contains_key("MainNode"))
+                    .map(|(id, _)| id.as_str().to_owned())
+            })
+            .unwrap_or_default();
+        let agent = Arc::new(CloudAgent::new(
+            self.store.clone(),
+            self.sm.clone(),
+            handle.clone(),
+            Arc::new(NoIam { main_node }),
+            agent,
+        ));
+        let stop = self
+            .stop
+            .as_ref()
+            .map(|s| s.subscribe())
+            .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
+        self.tasks
+            .push(tokio::spawn(runner.run(agent.clone(), stop.clone())));
+        self.tasks.push(tokio::spawn(agent.clone().run(stop)));
+        (handle, agent)
     }
 
     /// Waits for a committed state that satisfies `cond`, woken by store changes.

@@ -11,8 +11,8 @@ pub mod messages;
 pub mod outbox;
 pub mod telemetry;
 pub mod transport;
-pub mod unitstatus;
 pub mod unitconfig;
+pub mod unitstatus;
 
 /// Protocol version carried in every envelope header.
 pub const PROTOCOL_VERSION: u64 = 7;

@@ -142,7 +142,11 @@ fn unit_config(o: &ObservedUnit) -> Vec<UnitConfigStatus> {
             error_info: status.error.as_deref().map(error_info),
         }),
         UnitConfigState::Installed => out.push(UnitConfigStatus {
-            version: status.version.as_ref().map(ToString::to_string).or(installed),
+            version: status
+                .version
+                .as_ref()
+                .map(ToString::to_string)
+                .or(installed),
             state: messages::UnitConfigState::Installed,
             error_info: None,
         }),
@@ -211,8 +215,7 @@ fn instances(o: &ObservedUnit) -> Vec<InstancesStatus> {
         .values()
         .filter_map(|i| Some((i.id.as_str(), wire(i.item_type.as_str())?)))
         .collect();
-    let mut groups: BTreeMap<(String, String, String, bool), Vec<InstanceStatus>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<(String, String, String, bool), Vec<InstanceStatus>> = BTreeMap::new();
     for inst in o.instances.values() {
         let key = (
             inst.ident.item_id.as_str().to_owned(),
@@ -345,7 +348,8 @@ mod tests {
                 id: "svc".into(),
                 item_type: crate::model::ItemType::Service,
                 version: "1.0.0".into(),
-                index_digest: crate::model::Digest::parse(&format!("sha256:{}", "1".repeat(64))).unwrap(),
+                index_digest: crate::model::Digest::parse(&format!("sha256:{}", "1".repeat(64)))
+                    .unwrap(),
                 state: ItemState::Installed,
                 removed_at: None,
             },
@@ -356,7 +360,8 @@ mod tests {
                 id: "old".into(),
                 item_type: crate::model::ItemType::Layer,
                 version: "0.1.0".into(),
-                index_digest: crate::model::Digest::parse(&format!("sha256:{}", "2".repeat(64))).unwrap(),
+                index_digest: crate::model::Digest::parse(&format!("sha256:{}", "2".repeat(64)))
+                    .unwrap(),
                 state: ItemState::Removed,
                 removed_at: Some(1),
             },
@@ -395,7 +400,10 @@ mod tests {
         );
         let s = serde_json::to_value(full_status(&o)).unwrap();
         assert_eq!(s["isDeltaInfo"], json!(false));
-        assert_eq!(s["unitConfig"], json!([{"version": "1.2.0", "state": "installed"}]));
+        assert_eq!(
+            s["unitConfig"],
+            json!([{"version": "1.2.0", "state": "installed"}])
+        );
         assert_eq!(
             s["items"],
             json!([

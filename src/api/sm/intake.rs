@@ -34,6 +34,8 @@ pub struct IntakeCounters {
 pub struct Intake {
     buffers: Mutex<Buffers>,
     counters: Mutex<IntakeCounters>,
+    /// Woken when a log part arrives (log parts are forwarded as they come).
+    logs_ready: tokio::sync::Notify,
 }
 
 fn push_bounded(q: &mut VecDeque<pb::MonitoringData>, d: pb::MonitoringData) -> bool {
@@ -123,6 +125,7 @@ impl Intake {
             b.logs.push_back((node_id.to_string(), part.clone()));
             full
         };
+        self.logs_ready.notify_one();
         if overflow {
             self.count(|c| c.logs_overflow += 1);
         }
@@ -131,6 +134,12 @@ impl Intake {
     /// Takes every cached alert, oldest first.
     pub fn drain_alerts(&self) -> Vec<(String, pb::Alert)> {
         std::mem::take(&mut self.lock().alerts)
+    }
+
+    /// Resolves once a log part has arrived since the last call (a stored permit covers parts
+    /// that came before the call).
+    pub async fn logs_arrived(&self) {
+        self.logs_ready.notified().await;
     }
 
     /// Takes every log part, in arrival order.

@@ -1,0 +1,444 @@
+//! The cloud agent: what the daemon does with the cloud link.
+//!
+//! * Incoming (as [`CloudInbox`]): a `desiredStatus` is validated (errors name the field) and
+//!   committed to the store before its ACK; `requestLog` goes to the listed nodes' SMs (nodes
+//!   that are not connected get an error `pushLog` at once); certificate renewal, installation
+//!   and provisioning go through the [`Iam`] trait and are always answered; requests the unit
+//!   cannot serve yet (storage state, env var overrides) are answered where the protocol has an
+//!   answer and counted.
+//! * Outgoing ([`CloudAgent::run`]): a full `unitStatus` on every connect and when an update run
+//!   has converged, delta statuses debounced by `unitStatusSendTimeout` (the timer restarts on
+//!   each change); alerts every `alerts.sendPeriod` in packages of at most 16; monitoring every
+//!   `monitoring.sendPeriod`; log parts as they arrive. SMs are told when the cloud link goes
+//!   up or down.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::api::cloud::certs::{self, Iam, IamError};
+use crate::api::cloud::link::{CloudInbox, LinkHandle};
+use crate::api::cloud::messages::{self, Envelope, ErrorInfo, Message, OverrideEnvVarsStatus};
+use crate::api::cloud::{desired, telemetry, unitstatus};
+use crate::api::json::{self, Problems};
+use crate::api::sm::SmController;
+use crate::store::Store;
+
+/// Timings of the agent (config keys in parentheses).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentConfig {
+    /// `unitStatusSendTimeout`: quiet time before a delta status is sent.
+    pub unit_status_send_timeout: Duration,
+    /// `alerts.sendPeriod`.
+    pub alerts_send_period: Duration,
+    /// `monitoring.sendPeriod`.
+    pub monitoring_send_period: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            unit_status_send_timeout: Duration::from_secs(10),
+            alerts_send_period: Duration::from_secs(10),
+            monitoring_send_period: Duration::from_secs(60),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self {
+            unit_status_send_timeout: c.unit_status_send_timeout,
+            alerts_send_period: c.alerts.send_period,
+            monitoring_send_period: c.monitoring.send_period,
+        }
+    }
+}
+
+/// Counters of the agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentCounters {
+    pub full_statuses: u64,
+    pub delta_statuses: u64,
+    pub alert_packages: u64,
+    pub monitoring_messages: u64,
+    pub log_parts: u64,
+    /// Requests the unit has no handler for yet (storage state).
+    pub unsupported: u64,
+    /// Sends the link refused (queue full, or not important while down).
+    pub refused: u64,
+    pub store_errors: u64,
+}
+
+/// An IAM that is not there: every call fails with one message. Used until the IAM client is
+/// configured, so that certificate and provisioning requests still get their answers.
+pub struct NoIam {
+    pub main_node: String,
+}
+
+impl Iam for NoIam {
+    fn main_node_id(&self) -> String {
+        self.main_node.clone()
+    }
+
+    async fn create_key(&self, _: &str, _: &str, _: &str, _: &str) -> Result<String, IamError> {
+        Err(IamError::new("no IAM client is configured"))
+    }
+
+    async fn apply_cert(&self, _: &str, _: &str, _: &str) -> Result<certs::AppliedCert, IamError> {
+        Err(IamError::new("no IAM client is configured"))
+    }
+
+    async fn cert_types(&self, _: &str) -> Result<Vec<String>, IamError> {
+        Err(IamError::new("no IAM client is configured"))
+    }
+
+    async fn start_provisioning(&self, _: &str, _: &str) -> Result<(), IamError> {
+        Err(IamError::new("no IAM client is configured"))
+    }
+
+    async fn finish_provisioning(&self, _: &str, _: &str) -> Result<(), IamError> {
+        Err(IamError::new("no IAM client is configured"))
+    }
+
+    async fn deprovision(&self, _: &str, _: &str) -> Result<(), IamError> {
+        Err(IamError::new("no IAM client is configured"))
+    }
+}
+
+/// See the module documentation.
+pub struct CloudAgent<I: Iam> {
+    store: Arc<Store>,
+    sm: SmController,
+    link: LinkHandle,
+    iam: Arc<I>,
+    config: AgentConfig,
+    counters: watch::Sender<AgentCounters>,
+    /// A new desired state was committed and its update run has not been reported in full.
+    run_pending: Mutex<bool>,
+}
+
+impl<I: Iam + 'static> CloudAgent<I> {
+    pub fn new(
+        store: Arc<Store>,
+        sm: SmController,
+        link: LinkHandle,
+        iam: Arc<I>,
+        config: AgentConfig,
+    ) -> Self {
+        Self {
+            store,
+            sm,
+            link,
+            iam,
+            config,
+            counters: watch::Sender::new(AgentCounters::default()),
+            run_pending: Mutex::new(false),
+        }
+    }
+
+    pub fn counters(&self) -> AgentCounters {
+        *self.counters.borrow()
+    }
+
+    /// Waits until the counters satisfy `pred`.
+    pub async fn wait_counters(&self, pred: impl Fn(&AgentCounters) -> bool) -> AgentCounters {
+        let mut rx = self.counters.subscribe();
+        let found = rx.wait_for(|c| pred(c)).await.map(|c| *c);
+        found.unwrap_or_else(|_| *rx.borrow())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut AgentCounters)) {
+        self.counters.send_modify(f);
+    }
+
+    async fn send(&self, msg: Message) {
+        let t = msg.message_type();
+        if let Err(e) = self.link.send(msg).await {
+            self.count(|c| c.refused += 1);
+            tracing::debug!("cloud agent: {t} not sent: {e}");
+        }
+    }
+
+    /// Runs the senders until `stop` turns true.
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let tasks = [
+            tokio::spawn(self.clone().status_loop(stop.clone())),
+            tokio::spawn(self.clone().periodic_loop(stop.clone())),
+            tokio::spawn(self.clone().log_loop(stop.clone())),
+        ];
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    fn full_status(&self) -> Option<messages::UnitStatus> {
+        match self.store.snapshot() {
+            Ok(snap) => Some(unitstatus::full_status(&snap.observed)),
+            Err(e) => {
+                self.count(|c| c.store_errors += 1);
+                tracing::error!("cloud agent: reading the store: {e}");
+                None
+            }
+        }
+    }
+
+    fn update_run_finished(&self) -> bool {
+        let pending = *self
+            .run_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pending
+            && self
+                .store
+                .snapshot()
+                .is_ok_and(|s| crate::sim::unit::converged(&s))
+    }
+
+    /// Sends a full status; `run_done` when it reports the end of an update run.
+    async fn send_full(&self, run_done: bool) -> Option<messages::UnitStatus> {
+        let full = self.full_status()?;
+        if run_done {
+            *self
+                .run_pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = false;
+        }
+        self.send(Message::UnitStatus(full.clone())).await;
+        self.count(|c| c.full_statuses += 1);
+        Some(full)
+    }
+
+    async fn status_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut link = self.link.state();
+        let mut changes = self.store.subscribe();
+        let mut sent: Option<messages::UnitStatus> = None;
+        let mut due: Option<tokio::time::Instant> = None;
+        let mut session = 0;
+        loop {
+            let state = *link.borrow_and_update();
+            if state.connected && state.sessions != session {
+                // Full status on every connect.
+                session = state.sessions;
+                sent = self.send_full(false).await;
+                due = None;
+            } else if !state.connected {
+                // Nothing accumulates while disconnected.
+                sent = None;
+                due = None;
+            }
+            tokio::select! {
+                r = link.changed() => if r.is_err() { break },
+                change = changes.recv() => {
+                    let Some(tables) = change else { break };
+                    if tables.contains(&"desired") {
+                        *self.run_pending.lock().unwrap_or_else(PoisonError::into_inner) = true;
+                    }
+                    if sent.is_some() {
+                        // Debounce: every change restarts the timer.
+                        due = Some(tokio::time::Instant::now() + self.config.unit_status_send_timeout);
+                    }
+                }
+                _ = sleep_until(due), if due.is_some() => {
+                    due = None;
+                    if self.update_run_finished() {
+                        sent = self.send_full(true).await;
+                        continue;
+                    }
+                    let (Some(last), Some(now)) = (sent.as_ref(), self.full_status()) else { continue };
+                    if let Some(d) = unitstatus::delta(last, &now) {
+                        self.send(Message::UnitStatus(d)).await;
+                        self.count(|c| c.delta_statuses += 1);
+                        sent = Some(now);
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    }
+
+    async fn periodic_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut alerts = tokio::time::interval(self.config.alerts_send_period);
+        let mut monitoring = tokio::time::interval(self.config.monitoring_send_period);
+        alerts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        monitoring.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut link = self.link.state();
+        loop {
+            tokio::select! {
+                _ = alerts.tick() => {
+                    if !self.link.is_connected() { continue }
+                    for package in telemetry::alert_packages(self.sm.intake().drain_alerts()) {
+                        self.send(Message::Alerts(package)).await;
+                        self.count(|c| c.alert_packages += 1);
+                    }
+                }
+                _ = monitoring.tick() => {
+                    if !self.link.is_connected() { continue }
+                    let intake = self.sm.intake();
+                    let msg = telemetry::monitoring_message(
+                        intake.drain_node_monitoring(),
+                        intake.drain_instance_monitoring(),
+                    );
+                    if let Some(m) = msg {
+                        self.send(Message::MonitoringData(m)).await;
+                        self.count(|c| c.monitoring_messages += 1);
+                    }
+                }
+                r = link.changed() => {
+                    if r.is_err() { break }
+                    let connected = link.borrow_and_update().connected;
+                    self.sm.set_cloud_connected(connected).await;
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    }
+
+    async fn log_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            for (node, part) in self.sm.intake().drain_logs() {
+                self.send(Message::PushLog(telemetry::push_log(&node, &part)))
+                    .await;
+                self.count(|c| c.log_parts += 1);
+            }
+            tokio::select! {
+                _ = self.sm.intake().logs_arrived() => {}
+                _ = stop.changed() => break,
+            }
+        }
+    }
+
+    async fn request_log(&self, req: messages::RequestLog) {
+        let connected = self.sm.connected_nodes();
+        let plan = telemetry::log_requests(&req, &connected);
+        for (node, msg) in plan.requests {
+            if let Err(e) = self.sm.send(&node, msg).await {
+                self.send(Message::PushLog(telemetry::log_error_for_node(
+                    &req.correlation_id,
+                    &node,
+                    &e.to_string(),
+                )))
+                .await;
+            }
+        }
+        for (node, reason) in plan.failed {
+            self.send(Message::PushLog(telemetry::log_error_for_node(
+                &req.correlation_id,
+                &node,
+                &reason,
+            )))
+            .await;
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Parses a `desiredStatus` body; the error lists every problem by its JSON path.
+pub fn parse_desired(data: Map<String, Value>) -> Result<crate::model::DesiredState, String> {
+    let value = Value::Object(data);
+    let mut probs = Problems::default();
+    let parsed =
+        json::obj(&value, "data", &mut probs).and_then(|o| desired::from_data(&o, &mut probs));
+    match parsed {
+        Some(d) if probs.is_empty() => Ok(d),
+        _ => Err(probs.to_string().replace('\n', "; ")),
+    }
+}
+
+impl<I: Iam + 'static> CloudInbox for CloudAgent<I> {
+    async fn desired_status(&self, data: Map<String, Value>) -> Result<(), String> {
+        let desired = parse_desired(data)?;
+        let store = self.store.clone();
+        let written =
+            tokio::task::spawn_blocking(move || store.write(|tx| tx.set_desired(Some(&desired))))
+                .await;
+        match written {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                self.count(|c| c.store_errors += 1);
+                Err(format!("storing the desired status: {e}"))
+            }
+            Err(e) => Err(format!("storing the desired status: {e}")),
+        }
+    }
+
+    async fn request(&self, envelope: Envelope) {
+        let iam = self.iam.as_ref();
+        match envelope.data {
+            Message::RequestLog(r) => self.request_log(r).await,
+            Message::RenewCertificatesNotification(n) => match certs::renew(iam, &n).await {
+                Ok(mut issue) => {
+                    issue.correlation_id = n.correlation_id.clone();
+                    self.send(Message::IssueUnitCertificates(issue)).await;
+                }
+                Err(e) => tracing::warn!("cloud agent: certificate renewal abandoned: {e}"),
+            },
+            Message::IssuedUnitCertificates(issued) => {
+                let mut confirmation = certs::install(iam, &issued).await;
+                confirmation.correlation_id = issued.correlation_id.clone();
+                self.send(Message::InstallUnitCertificatesConfirmation(confirmation))
+                    .await;
+            }
+            Message::StartProvisioningRequest(r) => {
+                let mut resp = certs::start_provisioning(iam, &r).await;
+                resp.correlation_id = r.correlation_id.clone();
+                self.send(Message::StartProvisioningResponse(resp)).await;
+            }
+            Message::FinishProvisioningRequest(r) => {
+                let mut resp = certs::finish_provisioning(iam, &r).await;
+                resp.correlation_id = r.correlation_id.clone();
+                self.send(Message::FinishProvisioningResponse(resp)).await;
+            }
+            Message::DeprovisioningRequest(r) => {
+                let mut resp = certs::deprovisioning(iam, &r).await;
+                resp.correlation_id = r.correlation_id.clone();
+                self.send(Message::DeprovisioningResponse(resp)).await;
+            }
+            Message::OverrideEnvVars(o) => {
+                // Not applied yet: every variable is answered with an error, so the cloud
+                // knows the override did not take effect.
+                let converted = telemetry::override_env_vars_to_sm(&o);
+                let mut statuses = converted.refused;
+                for item in &o.items {
+                    for var in &item.variables {
+                        statuses.push(messages::EnvVarStatus {
+                            ident: messages::InstanceIdent {
+                                item: item.filter.item.clone().unwrap_or_default(),
+                                subject: item.filter.subject.clone().unwrap_or_default(),
+                                instance: item.filter.instance.unwrap_or_default(),
+                            },
+                            name: var.name.clone(),
+                            error_info: Some(ErrorInfo {
+                                aos_code: 1,
+                                exit_code: 0,
+                                message: "env var overrides are not supported by this unit yet"
+                                    .to_owned(),
+                            }),
+                        });
+                    }
+                }
+                self.count(|c| c.unsupported += 1);
+                self.send(Message::OverrideEnvVarsStatus(OverrideEnvVarsStatus {
+                    correlation_id: o.correlation_id.clone(),
+                    statuses,
+                }))
+                .await;
+            }
+            other => {
+                self.count(|c| c.unsupported += 1);
+                tracing::warn!(
+                    "cloud agent: {} is not handled by this unit yet",
+                    other.message_type()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! A whole unit against the simulated cloud over loopback: the desired state comes over the
+//! WebSocket, the SMs are simulated gRPC clients, and the cloud records what the unit reports.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use aos_cm::agent::AgentConfig;
+use aos_cm::api::cloud::link::{LinkConfig, LinkHandle};
+use aos_cm::api::proto::servicemanager::v5 as pb;
+use aos_cm::api::sm::SmConfig;
+use aos_cm::sim::cloud::{AckMode, CloudOptions, Frame, SimCloud};
+use aos_cm::sim::sm::{SimOptions, SimSm};
+use common::{Unit, converged, example};
+use serde_json::{Value, json};
+
+const SYSTEM_ID: &str = "3f9c2a7e51d84b0c9e6a1d2b4c8f0e17";
+
+fn quick_agent() -> AgentConfig {
+    AgentConfig {
+        unit_status_send_timeout: Duration::from_millis(50),
+        alerts_send_period: Duration::from_millis(50),
+        monitoring_send_period: Duration::from_millis(100),
+    }
+}
+
+fn example_desired() -> Value {
+    let text =
+        std::fs::read_to_string(example("fresh-install").join("desired.json")).expect("example");
+    let frame: Value = serde_json::from_str(&text).expect("JSON");
+    frame["data"].clone()
+}
+
+/// A unit seeded from the example but with no desired state yet: it has to come from the cloud.
+async fn unit_without_desired() -> Unit {
+    let u = Unit::start(&example("fresh-install"), SmConfig::default(), None).await;
+    u.store
+        .write(|tx| tx.set_desired(None))
+        .expect("clear desired");
+    u
+}
+
+async fn connect(u: &mut Unit, cloud: &SimCloud) -> LinkHandle {
+    let mut link = LinkConfig::new(SYSTEM_ID, &cloud.discovery_url());
+    link.backoff_min = Duration::from_millis(10);
+    link.backoff_max = Duration::from_millis(100);
+    let (handle, _agent) = u.unit.connect_cloud(link, quick_agent());
+    handle
+        .state()
+        .wait_for(|s| s.connected)
+        .await
+        .expect("link alive");
+    handle
+}
+
+async fn sims(u: &Unit, options: SimOptions) -> Vec<SimSm> {
+    let mut out = Vec::new();
+    for (node, _) in u.nodes.clone() {
+        out.push(u.sim(&node, options.clone()).await);
+    }
+    out
+}
+
+fn acked(frames: &[Frame], txn: &str) -> bool {
+    frames.iter().any(|f| {
+        f.from_unit && f.message_type().as_deref() == Some("ack") && f.txn().as_deref() == Some(txn)
+    })
+}
+
+/// A full unitStatus in which every instance of the example is active.
+fn all_active_full_status(frames: &[Frame]) -> Option<Value> {
+    frames
+        .iter()
+        .filter(|f| f.from_unit && f.message_type().as_deref() == Some("unitStatus"))
+        .filter_map(Frame::json)
+        .filter(|v| v["data"]["isDeltaInfo"] == json!(false))
+        .find(|v| {
+            let groups = v["data"]["instances"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let states: Vec<Value> = groups
+                .iter()
+                .flat_map(|g| g["instances"].as_array().cloned().unwrap_or_default())
+                .map(|i| i["state"].clone())
+                .collect();
+            // 2 telemetry + 1 gateway + 1 vision + the component on each secondary node.
+            states.len() >= 5 && states.iter().all(|s| s == "active")
+        })
+}
+
+#[tokio::test]
+async fn desired_state_from_the_cloud_converges_and_is_reported_in_full() {
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let _link = connect(&mut u, &cloud).await;
+    // A full status on connect, with the three nodes of the unit.
+    let first = cloud.wait_from_unit("unitStatus", 1).await.json().unwrap();
+    assert_eq!(first["data"]["isDeltaInfo"], json!(false));
+    let nodes: Vec<&str> = first["data"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["identity"]["codename"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["main", "secondary-1", "secondary-2"]);
+
+    let sims = sims(&u, SimOptions::default()).await;
+    let txn = cloud.send_data(example_desired()).expect("session");
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    assert!(
+        u.store.snapshot().unwrap().desired.is_some(),
+        "committed before its ACK"
+    );
+    u.wait_for("convergence", 60, converged).await;
+    // The update run ends with a full status listing every instance active.
+    let full = cloud.wait_for(all_active_full_status).await;
+    let items: BTreeSet<&str> = full["data"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["item"]["id"].as_str())
+        .collect();
+    assert!(items.len() >= 4, "{items:?}");
+    // A node's SM goes away: a delta with just the changed section follows.
+    let mut sims = sims;
+    sims[1].disconnect();
+    let delta = cloud
+        .wait_for(|frames| {
+            frames
+                .iter()
+                .filter(|f| f.from_unit && f.message_type().as_deref() == Some("unitStatus"))
+                .filter_map(Frame::json)
+                .find(|v| v["data"]["isDeltaInfo"] == json!(true))
+        })
+        .await;
+    let keys: BTreeSet<&str> = delta["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["isDeltaInfo", "messageType", "nodes"]),
+        "{delta}"
+    );
+    let s1 = delta["data"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["identity"]["codename"] == json!("secondary-1"))
+        .cloned()
+        .unwrap();
+    assert_eq!(s1["isConnected"], json!(false));
+}
+
+#[tokio::test]
+async fn cloud_drop_in_the_middle_of_an_update_loses_nothing() {
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let link = connect(&mut u, &cloud).await;
+    let options = SimOptions {
+        delay: Duration::from_millis(200),
+        ..SimOptions::default()
+    };
+    let sims = sims(&u, options).await;
+    let txn = cloud.send_data(example_desired()).expect("session");
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    // The cloud stops answering; an SM raises an alert, which the unit sends and keeps.
+    cloud.set_ack_mode(AckMode::Ignore);
+    let alert = pb::SmOutgoingMessages {
+        sm_outgoing_message: Some(pb::sm_outgoing_messages::SmOutgoingMessage::Alert(
+            pb::Alert {
+                timestamp: Some(prost_types::Timestamp {
+                    seconds: 1_790_000_000,
+                    nanos: 0,
+                }),
+                alert_item: Some(pb::alert::AlertItem::SystemAlert(pb::SystemAlert {
+                    message: "disk almost full".to_owned(),
+                })),
+            },
+        )),
+    };
+    assert!(sims[0].send_raw(alert).await);
+    let sent = cloud.wait_from_unit("alerts", 1).await;
+    assert_eq!(sent.session, 1);
+    // Mid-update (the SMs are still starting instances): the connection drops.
+    cloud.drop_connection();
+    cloud.set_ack_mode(AckMode::Ack);
+    link.state()
+        .wait_for(|s| s.connected && s.sessions == 2)
+        .await
+        .unwrap();
+    let resent = cloud
+        .wait_for(|f| {
+            f.iter()
+                .find(|f| {
+                    f.from_unit && f.session == 2 && f.message_type().as_deref() == Some("alerts")
+                })
+                .cloned()
+        })
+        .await;
+    assert_eq!(resent.text, sent.text, "same txn, same bytes");
+    u.wait_for("convergence", 60, converged).await;
+    cloud.wait_for(all_active_full_status).await;
+    // Every important message of session 1 that the cloud had not ACKed was written again in
+    // session 2 with its txn; nothing was dropped after retries.
+    let frames = cloud.frames();
+    let important = ["alerts", "pushLog", "stateRequest", "overrideEnvVarsStatus"];
+    for f in frames.iter().filter(|f| {
+        f.from_unit
+            && f.session == 1
+            && important.contains(&f.message_type().unwrap_or_default().as_str())
+    }) {
+        let txn = f.txn().unwrap();
+        assert!(
+            frames
+                .iter()
+                .any(|g| g.from_unit && g.session == 2 && g.txn().as_deref() == Some(txn.as_str())),
+            "{txn} was not resent"
+        );
+    }
+    let c = link.wait_counters(|c| c.outbox.acked >= 1).await;
+    assert_eq!(c.outbox.dropped_after_retries, 0);
+    assert_eq!(c.connects, 2);
+}
+
+#[tokio::test]
+async fn a_burst_of_desired_statuses_is_handled_in_order_and_the_newest_wins() {
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let link = connect(&mut u, &cloud).await;
+    let _sims = sims(&u, SimOptions::default()).await;
+    const N: usize = 1000;
+    let mut txns = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut data = example_desired();
+        // Each one supersedes the last: telemetry runs 1, 2 or 3 instances; the last asks 3.
+        data["instances"][0]["numInstances"] = json!(if i == N - 1 { 3 } else { 1 + i % 2 });
+        data["correlationId"] = json!(format!("burst-{i}"));
+        txns.push(cloud.send_data(data).expect("session"));
+    }
+    let last = txns.last().cloned().unwrap();
+    cloud.wait_for(|f| acked(f, &last).then_some(())).await;
+    let acks: Vec<String> = cloud
+        .frames()
+        .iter()
+        .filter(|f| f.from_unit && f.message_type().as_deref() == Some("ack"))
+        .filter_map(Frame::txn)
+        .collect();
+    assert_eq!(acks, txns, "every one ACKed once, in arrival order");
+    let c = link.counters();
+    assert_eq!(c.desired_accepted, N as u64);
+    let snap = u
+        .wait_for("convergence on the newest", 120, |s| {
+            converged(s)
+                && s.allocations
+                    .instances
+                    .keys()
+                    .filter(|k| k.item_id.as_str() == "2d7c4e1a-93b5-4f0e-8a6d-1c5b9e3f7a21")
+                    .count()
+                    == 3
+        })
+        .await;
+    assert_eq!(
+        snap.desired
+            .as_ref()
+            .and_then(|d| d.correlation_id.clone())
+            .as_deref(),
+        Some("burst-999")
+    );
+}
