@@ -4,9 +4,11 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aos_cm::agent::AgentConfig;
+use aos_cm::api::cloud::certs::{AppliedCert, Iam, IamError};
 use aos_cm::api::cloud::link::{LinkConfig, LinkHandle};
 use aos_cm::api::proto::servicemanager::v5 as pb;
 use aos_cm::api::sm::SmConfig;
@@ -276,5 +278,232 @@ async fn a_burst_of_desired_statuses_is_handled_in_order_and_the_newest_wins() {
             .and_then(|d| d.correlation_id.clone())
             .as_deref(),
         Some("burst-999")
+    );
+}
+
+/// An IAM that records every call and answers from fixed data.
+#[derive(Default)]
+struct FakeIam {
+    calls: std::sync::Mutex<Vec<String>>,
+}
+
+impl FakeIam {
+    fn record(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+impl Iam for FakeIam {
+    fn main_node_id(&self) -> String {
+        "main".to_owned()
+    }
+
+    async fn create_key(
+        &self,
+        node: &str,
+        cert_type: &str,
+        _subject: &str,
+        password: &str,
+    ) -> Result<String, IamError> {
+        self.record(format!("create_key {node} {cert_type} {password}"));
+        Ok(format!("CSR {node} {cert_type}"))
+    }
+
+    async fn apply_cert(
+        &self,
+        node: &str,
+        cert_type: &str,
+        _pem: &str,
+    ) -> Result<AppliedCert, IamError> {
+        self.record(format!("apply_cert {node} {cert_type}"));
+        Ok(AppliedCert {
+            cert_url: format!("file:///certs/{node}/{cert_type}"),
+            serial: format!("{:x}", node.len() * 16 + cert_type.len()),
+        })
+    }
+
+    async fn cert_types(&self, node: &str) -> Result<Vec<String>, IamError> {
+        self.record(format!("cert_types {node}"));
+        Ok(vec!["iam".to_owned(), "online".to_owned()])
+    }
+
+    async fn start_provisioning(&self, node: &str, password: &str) -> Result<(), IamError> {
+        self.record(format!("start_provisioning {node} {password}"));
+        Ok(())
+    }
+
+    async fn finish_provisioning(&self, node: &str, password: &str) -> Result<(), IamError> {
+        self.record(format!("finish_provisioning {node} {password}"));
+        Ok(())
+    }
+
+    async fn deprovision(&self, node: &str, password: &str) -> Result<(), IamError> {
+        self.record(format!("deprovision {node} {password}"));
+        Err(IamError::new("node is busy"))
+    }
+}
+
+async fn unit_with_fake_iam() -> (Unit, SimCloud, Arc<FakeIam>) {
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let iam = Arc::new(FakeIam::default());
+    let link = LinkConfig::new(SYSTEM_ID, &cloud.discovery_url());
+    let (handle, _agent) = u.unit.connect_cloud_with(link, quick_agent(), iam.clone());
+    handle.state().wait_for(|s| s.connected).await.unwrap();
+    (u, cloud, iam)
+}
+
+/// The unit's answer of `message_type`, after the request's ACK.
+async fn answer(cloud: &SimCloud, request_txn: &str, message_type: &str) -> Value {
+    let frames = cloud
+        .wait_for(|f| {
+            let ack = f.iter().position(|f| {
+                f.from_unit
+                    && f.message_type().as_deref() == Some("ack")
+                    && f.txn().as_deref() == Some(request_txn)
+            })?;
+            let answer = f
+                .iter()
+                .position(|f| f.from_unit && f.message_type().as_deref() == Some(message_type))?;
+            Some((ack, answer, f[answer].clone()))
+        })
+        .await;
+    assert!(frames.0 < frames.1, "the ACK comes before the answer");
+    assert_eq!(acks(cloud, request_txn), 1, "exactly one ACK");
+    frames.2.json().unwrap()["data"].clone()
+}
+
+fn acks(cloud: &SimCloud, txn: &str) -> usize {
+    cloud
+        .frames()
+        .iter()
+        .filter(|f| {
+            f.from_unit
+                && f.message_type().as_deref() == Some("ack")
+                && f.txn().as_deref() == Some(txn)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn provisioning_requests_are_acked_then_answered_with_their_correlation_id() {
+    let (_u, cloud, iam) = unit_with_fake_iam().await;
+    let txn = cloud
+        .send_data(
+            json!({"messageType": "startProvisioningRequest", "correlationId": "prov-1",
+            "node": {"codename": "secondary-2", "type": "node"}, "password": "pw"}),
+        )
+        .unwrap();
+    let resp = answer(&cloud, &txn, "startProvisioningResponse").await;
+    assert_eq!(
+        resp,
+        json!({"messageType": "startProvisioningResponse", "correlationId": "prov-1",
+               "node": {"codename": "secondary-2"},
+               "csrs": [{"type": "iam", "csr": "CSR secondary-2 iam"},
+                        {"type": "online", "csr": "CSR secondary-2 online"}]})
+    );
+    let txn = cloud
+        .send_data(json!({"messageType": "finishProvisioningRequest", "correlationId": "prov-2",
+            "node": {"codename": "secondary-2"}, "password": "pw",
+            "certificates": [{"type": "iam", "chain": "PEM-IAM"}, {"type": "online", "chain": "PEM-ON"}]}))
+        .unwrap();
+    let resp = answer(&cloud, &txn, "finishProvisioningResponse").await;
+    assert_eq!(
+        resp,
+        json!({"messageType": "finishProvisioningResponse", "correlationId": "prov-2",
+               "node": {"codename": "secondary-2"}})
+    );
+    let txn = cloud
+        .send_data(
+            json!({"messageType": "deprovisioningRequest", "correlationId": "prov-3",
+            "node": {"codename": "secondary-2"}, "password": "pw"}),
+        )
+        .unwrap();
+    let resp = answer(&cloud, &txn, "deprovisioningResponse").await;
+    assert_eq!(resp["correlationId"], json!("prov-3"));
+    assert_eq!(resp["errorInfo"]["aosCode"], json!(1));
+    assert!(
+        resp["errorInfo"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("node is busy")
+    );
+    assert_eq!(
+        *iam.calls.lock().unwrap(),
+        [
+            "start_provisioning secondary-2 pw",
+            "cert_types secondary-2",
+            "create_key secondary-2 iam pw",
+            "create_key secondary-2 online pw",
+            "apply_cert secondary-2 iam",
+            "apply_cert secondary-2 online",
+            "finish_provisioning secondary-2 pw",
+            "deprovision secondary-2 pw",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn certificate_renewal_and_installation_in_the_required_order() {
+    let (_u, cloud, iam) = unit_with_fake_iam().await;
+    let txn = cloud
+        .send_data(json!({"messageType": "renewCertificatesNotification",
+            "certificates": [
+                {"type": "iam", "node": {"codename": "main"}, "serial": "01"},
+                {"type": "online", "node": {"codename": "secondary-1"}, "serial": "02"}],
+            "unitSecrets": {"version": "2.0.0", "nodes": [
+                {"node": {"codename": "main"}, "secret": "s-main"},
+                {"node": {"codename": "secondary-1"}, "secret": "s-one"}]}}))
+        .unwrap();
+    let issue = answer(&cloud, &txn, "issueUnitCertificates").await;
+    assert_eq!(
+        issue,
+        json!({"messageType": "issueUnitCertificates", "requests": [
+            {"type": "iam", "node": {"codename": "main"}, "csr": "CSR main iam"},
+            {"type": "online", "node": {"codename": "secondary-1"}, "csr": "CSR secondary-1 online"}]})
+    );
+    iam.calls.lock().unwrap().clear();
+    let txn = cloud
+        .send_data(
+            json!({"messageType": "issuedUnitCertificates", "certificates": [
+            {"type": "iam", "node": {"codename": "main"}, "certificateChain": "A"},
+            {"type": "online", "node": {"codename": "main"}, "certificateChain": "B"},
+            {"type": "iam", "node": {"codename": "secondary-1"}, "certificateChain": "C"},
+            {"type": "online", "node": {"codename": "secondary-1"}, "certificateChain": "D"}]}),
+        )
+        .unwrap();
+    let confirmation = answer(&cloud, &txn, "installUnitCertificatesConfirmation").await;
+    // Other nodes first (their iam cert last), then the main node, its iam cert very last.
+    assert_eq!(
+        *iam.calls.lock().unwrap(),
+        [
+            "apply_cert secondary-1 online",
+            "apply_cert secondary-1 iam",
+            "apply_cert main online",
+            "apply_cert main iam",
+        ]
+    );
+    let serials: Vec<(&str, &str, &str)> = confirmation["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["node"]["codename"].as_str().unwrap(),
+                c["type"].as_str().unwrap(),
+                c["serial"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        serials,
+        [
+            ("secondary-1", "online", "b6"),
+            ("secondary-1", "iam", "b3"),
+            ("main", "online", "46"),
+            ("main", "iam", "43"),
+        ]
     );
 }

@@ -2,6 +2,7 @@
 //! 127.0.0.1, the runner with the daemon's executor; simulated SMs connect to it.
 
 use crate::agent::{AgentConfig, CloudAgent, NoIam};
+use crate::api::cloud::certs::Iam;
 use crate::api::cloud::link::{CloudLink, LinkConfig, LinkHandle};
 use crate::api::dns::{DnsConfig, DnsServer};
 use crate::api::dnszone::keep_in_sync;
@@ -177,9 +178,13 @@ impl SimUnit {
         link: LinkConfig,
         agent: AgentConfig,
     ) -> (LinkHandle, Arc<CloudAgent<NoIam>>) {
-        let (handle, runner) = CloudLink::build(link);
-        let main_node = self
-            .store
+        let main_node = self.main_node();
+        self.connect_cloud_with(link, agent, Arc::new(NoIam { main_node }))
+    }
+
+    /// The node whose IAM reports the `MainNode` attribute ("" when none does).
+    pub fn main_node(&self) -> String {
+        self.store
             .snapshot()
             .ok()
             .and_then(|s| {
@@ -189,12 +194,22 @@ impl SimUnit {
                     .find(|(_, n)| n.info.attrs.contains_key("MainNode"))
                     .map(|(id, _)| id.as_str().to_owned())
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// [`SimUnit::connect_cloud`] with a given IAM.
+    pub fn connect_cloud_with<I: Iam + 'static>(
+        &mut self,
+        link: LinkConfig,
+        agent: AgentConfig,
+        iam: Arc<I>,
+    ) -> (LinkHandle, Arc<CloudAgent<I>>) {
+        let (handle, runner) = CloudLink::build(link);
         let agent = Arc::new(CloudAgent::new(
             self.store.clone(),
             self.sm.clone(),
             handle.clone(),
-            Arc::new(NoIam { main_node }),
+            iam,
             agent,
         ));
         let stop = self
