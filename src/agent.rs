@@ -135,7 +135,8 @@ impl<I: Iam + 'static> CloudAgent<I> {
             iam,
             config,
             counters: watch::Sender::new(AgentCounters::default()),
-            run_pending: Mutex::new(false),
+            // An update interrupted by a restart resumes: its end is reported in full too.
+            run_pending: Mutex::new(true),
         }
     }
 

@@ -49,6 +49,17 @@ const TOP_KEYS: &[&str] = &[
     "imageManager",
     "launcher",
     "migration",
+    "identity",
+];
+const IDENTITY_KEYS: &[&str] = &[
+    "systemId",
+    "unitModel",
+    "nodeId",
+    "nodesFile",
+    "certFile",
+    "keyFile",
+    "smCertFile",
+    "smKeyFile",
 ];
 const MONITORING_KEYS: &[&str] = &["pollPeriod", "averageWindow", "sendPeriod"];
 const ALERTS_KEYS: &[&str] = &["sendPeriod"];
@@ -171,6 +182,25 @@ impl MigrationConfig {
     }
 }
 
+/// `identity` section (ours, not upstream's): a static identity for units without IAM. The
+/// system ID, unit model and main node ID are given here, the nodes' IAM information comes from
+/// `nodesFile` (the `nodes.json` form of the examples: per node `nodeInfo` in proto3 JSON), and
+/// the certificates from PEM files. Absent = the identity comes from IAM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IdentityConfig {
+    pub system_id: String,
+    pub unit_model: String,
+    /// The main node's ID (the node this CM runs on).
+    pub node_id: String,
+    pub nodes_file: PathBuf,
+    /// The `online` certificate chain (PEM) presented to the cloud; empty = none.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Certificate and key of the SM server (PEM); empty = plaintext gRPC.
+    pub sm_cert_file: PathBuf,
+    pub sm_key_file: PathBuf,
+}
+
 /// The whole configuration file, with defaults applied.
 ///
 /// Empty strings mean "not set" for the keys whose default is empty (for example
@@ -207,6 +237,8 @@ pub struct Config {
     pub image_manager: ImageManagerConfig,
     pub launcher: LauncherConfig,
     pub migration: MigrationConfig,
+    /// Static identity; `None` = from IAM.
+    pub identity: Option<IdentityConfig>,
 }
 
 impl Default for Config {
@@ -290,6 +322,7 @@ impl Config {
             image_manager: ImageManagerConfig::defaults(working_dir),
             launcher: LauncherConfig::default(),
             migration: MigrationConfig::defaults(working_dir),
+            identity: None,
         }
     }
 
@@ -551,6 +584,10 @@ fn build(ctx: &mut Ctx, entries: &[(String, Node)]) -> Config {
     let image = top.section(ctx, "imageManager", IMAGE_MANAGER_KEYS);
     let launcher = top.section(ctx, "launcher", LAUNCHER_KEYS);
     let migration = top.section(ctx, "migration", MIGRATION_KEYS);
+    let identity = top
+        .get("identity")
+        .is_some()
+        .then(|| top.section(ctx, "identity", IDENTITY_KEYS));
 
     Config {
         ca_cert: top.string(ctx, "caCert").unwrap_or_default().into(),
@@ -638,6 +675,32 @@ fn build(ctx: &mut Ctx, entries: &[(String, Node)]) -> Config {
                 d.migration.merged_migration_path,
             ),
         },
+        identity: identity.map(|id| {
+            let system_id = id.string(ctx, "systemId").unwrap_or_default();
+            if system_id.is_empty() {
+                ctx.issue(
+                    "identity.systemId".to_string(),
+                    "is required when `identity` is given".to_string(),
+                );
+            }
+            let node_id = id.string(ctx, "nodeId").unwrap_or_default();
+            if node_id.is_empty() {
+                ctx.issue(
+                    "identity.nodeId".to_string(),
+                    "is required when `identity` is given (the main node's ID)".to_string(),
+                );
+            }
+            IdentityConfig {
+                system_id,
+                unit_model: id.string(ctx, "unitModel").unwrap_or_default(),
+                node_id,
+                nodes_file: id.string(ctx, "nodesFile").unwrap_or_default().into(),
+                cert_file: id.string(ctx, "certFile").unwrap_or_default().into(),
+                key_file: id.string(ctx, "keyFile").unwrap_or_default().into(),
+                sm_cert_file: id.string(ctx, "smCertFile").unwrap_or_default().into(),
+                sm_key_file: id.string(ctx, "smKeyFile").unwrap_or_default().into(),
+            }
+        }),
     }
 }
 
@@ -1697,6 +1760,7 @@ mod tests {
                 migration_path: "/usr/share/aos/cm/migration".into(),
                 merged_migration_path: "/var/aos/workdirs/cm/migration".into(),
             },
+            identity: None,
         };
         assert_eq!(*config, expected);
         assert_eq!(
@@ -1775,5 +1839,22 @@ mod tests {
             let value: Value = serde_json::from_str(text).unwrap();
             assert!(!looks_like_config(&value), "{text}");
         }
+    }
+
+    #[test]
+    fn identity_section_is_parsed_and_checked() {
+        let (config, warnings) = parse(
+            r#"{"identity": {"systemId": "unit-1", "nodeId": "main", "nodesFile": "/etc/aos/nodes.json",
+                "certFile": "/etc/aos/online.pem", "keyFile": "/etc/aos/online.key"}}"#,
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let id = config.identity.expect("identity");
+        assert_eq!(id.system_id, "unit-1");
+        assert_eq!(id.node_id, "main");
+        assert_eq!(id.nodes_file, PathBuf::from("/etc/aos/nodes.json"));
+        assert!(id.sm_cert_file.as_os_str().is_empty());
+        assert_eq!(parse("{}").0.identity, None);
+        let err = parse_err(r#"{"identity": {"nodeId": "main"}}"#);
+        assert!(err.to_string().contains("identity.systemId"), "{err}");
     }
 }

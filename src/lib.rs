@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod engine;
 pub mod executor;

@@ -72,6 +72,23 @@ enum Command {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
+    /// Run the Communication Manager daemon (the main-node service).
+    ///
+    /// Reads aos_cm.cfg, opens the store in workingDir, serves the SMs on cmServerUrl, runs the
+    /// embedded DNS server on dnsIp (when set), and connects to AosCloud through service
+    /// discovery. Until the IAM client is available, the config's `identity` section gives the
+    /// system ID, the main node and the certificates. Tells systemd when ready (NOTIFY_SOCKET).
+    /// SIGTERM or Ctrl-C: stops cleanly (exit 0). SIGHUP: re-reads and checks the config and
+    /// logs which changes need a restart. Logs go to stderr (RUST_LOG sets the level; default
+    /// info).
+    Run {
+        /// The daemon config
+        #[arg(short = 'c', long = "config", default_value = "/etc/aos/aos_cm.cfg")]
+        config: PathBuf,
+        /// Log format on stderr
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
+    },
     /// Show what a daemon's store says: nodes, items, instances, networks and open conditions.
     ///
     /// Reads the store of a running or stopped daemon: --store names its working directory
@@ -99,6 +116,12 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Kind {
     /// A protocol v7 frame: {header, data}
     Frame,
@@ -112,14 +135,26 @@ const EXIT_INVALID: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    let (default_level, json_logs) = match &cli.command {
+        Command::Run { log_format, .. } => ("info", *log_format == LogFormat::Json),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    if json_logs {
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    }
     let result = match cli.command {
+        Command::Run { config, .. } => run(&config),
         Command::Demo {
             nodes,
             instances,
@@ -179,6 +214,67 @@ fn plan(dir: &std::path::Path, as_json: bool) -> anyhow::Result<ExitCode> {
         print!("{}", render::plan_text(&plans));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match aos_cm::config::Config::load(config_path) {
+        Ok((config, warnings)) => {
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            config
+        }
+        Err(e) => {
+            eprintln!("aos-cm: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let daemon = aos_cm::daemon::Daemon::start(
+            &config,
+            aos_cm::reconcilers::runner::RunnerConfig::default(),
+        )
+        .await?;
+        // One line on stdout for whoever started us (and the system tests).
+        println!("aos-cm: running; SM server on {}", daemon.sm_addr);
+        tracing::info!("SM server on {}", daemon.sm_addr);
+        aos_cm::daemon::sd_notify("READY=1");
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = hup.recv() => match aos_cm::config::Config::load(config_path) {
+                    Ok((new, warnings)) => {
+                        for w in warnings {
+                            tracing::warn!("{w}");
+                        }
+                        if new == config {
+                            tracing::info!("SIGHUP: config unchanged");
+                        } else {
+                            tracing::warn!(
+                                "SIGHUP: {} changed; the new settings take effect at the next start",
+                                config_path.display()
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!("SIGHUP: the config is not valid, keeping the running one: {e}"),
+                },
+            }
+        }
+        tracing::info!("stopping");
+        aos_cm::daemon::sd_notify("STOPPING=1");
+        if !daemon.shutdown(std::time::Duration::from_secs(4)).await {
+            tracing::warn!("some tasks did not stop within 4 s");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn demo(opts: aos_cm::demo::DemoOptions) -> anyhow::Result<ExitCode> {

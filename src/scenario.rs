@@ -107,25 +107,19 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<UnixMillis> {
     Some(((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + ms)
 }
 
-/// Loads a scenario folder.
-pub fn load(dir: &Path) -> Result<Scenario, ScenarioError> {
-    if !dir.is_dir() {
-        return Err(ScenarioError::Missing(dir.to_path_buf()));
-    }
-    let desired_path = dir.join("desired.json");
-    let nodes_path = dir.join("nodes.json");
-    let desired_text = read(&desired_path, true)?.unwrap_or_default();
-    let nodes_text = read(&nodes_path, true)?.unwrap_or_default();
-    let (header, desired) =
-        desired::parse_frame(&desired_text).map_err(|p| invalid(&desired_path, p))?;
+/// Reads a `nodes.json` file (per node the IAM `nodeInfo`, optionally the SM's `smInfo`) into
+/// observed nodes, all marked connected.
+pub fn load_nodes(path: &Path) -> Result<BTreeMap<NodeId, ObservedNode>, ScenarioError> {
+    let text = read(path, true)?.unwrap_or_default();
+    nodes_from_text(&text, path)
+}
 
-    let mut snap = Snapshot {
-        desired: Some(desired),
-        ..Snapshot::default()
-    };
-
-    // Nodes.
-    let nv = json::parse(&nodes_text).map_err(|p| invalid(&nodes_path, p))?;
+fn nodes_from_text(
+    nodes_text: &str,
+    nodes_path: &Path,
+) -> Result<BTreeMap<NodeId, ObservedNode>, ScenarioError> {
+    let mut nodes = BTreeMap::new();
+    let nv = json::parse(nodes_text).map_err(|p| invalid(nodes_path, p))?;
     let mut probs = Problems::default();
     if let Some(root) = json::obj(&nv, "$", &mut probs) {
         for (p, entry) in root.array("nodes", &mut probs) {
@@ -155,7 +149,7 @@ pub fn load(dir: &Path) -> Result<Scenario, ScenarioError> {
                     ),
                 );
             }
-            snap.observed.nodes.insert(
+            nodes.insert(
                 info.node_id.clone(),
                 ObservedNode {
                     sm: sm.map(|(_, s)| s),
@@ -168,8 +162,30 @@ pub fn load(dir: &Path) -> Result<Scenario, ScenarioError> {
         }
     }
     if !probs.is_empty() {
-        return Err(invalid(&nodes_path, probs));
+        return Err(invalid(nodes_path, probs));
     }
+
+    Ok(nodes)
+}
+
+/// Loads a scenario folder.
+pub fn load(dir: &Path) -> Result<Scenario, ScenarioError> {
+    if !dir.is_dir() {
+        return Err(ScenarioError::Missing(dir.to_path_buf()));
+    }
+    let desired_path = dir.join("desired.json");
+    let nodes_path = dir.join("nodes.json");
+    let desired_text = read(&desired_path, true)?.unwrap_or_default();
+    let nodes_text = read(&nodes_path, true)?.unwrap_or_default();
+    let (header, desired) =
+        desired::parse_frame(&desired_text).map_err(|p| invalid(&desired_path, p))?;
+
+    let mut snap = Snapshot {
+        desired: Some(desired),
+        ..Snapshot::default()
+    };
+
+    snap.observed.nodes = nodes_from_text(&nodes_text, &nodes_path)?;
 
     // Installed unit config: parse errors make it `failed`, as upstream.
     let uc_path = dir.join("unitconfig.json");

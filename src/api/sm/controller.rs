@@ -203,6 +203,17 @@ impl SmController {
         }
     }
 
+    /// Ends every node's stream with UNAVAILABLE (the CM is stopping), so that the server's
+    /// graceful shutdown does not wait for SMs that keep their streams open.
+    pub fn close_all(&self) {
+        let links: Vec<_> = lock(&self.inner.links).drain().collect();
+        for (_, link) in links {
+            let _ = link
+                .tx
+                .try_send(Err(Status::unavailable("the CM is stopping")));
+        }
+    }
+
     fn sender(
         &self,
         node: &str,

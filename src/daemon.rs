@@ -1,0 +1,352 @@
+//! `aos-cm run`: every part wired together from aos_cm.cfg.
+//!
+//! The store is opened (its state survives restarts), the nodes' IAM information is loaded, the
+//! SM server (SMService + NetworkService, TLS when the identity has a certificate) listens on
+//! `cmServerUrl`, the embedded DNS server on `dnsIp`, the reconcile runner drives the unit, and
+//! the cloud link with its agent talks to AosCloud. [`Daemon::shutdown`] stops everything and
+//! waits for it (bounded), so that in-flight store transactions finish.
+//!
+//! Identity: until the IAM client is wired, the `identity` section of the config gives the
+//! system ID, the main node and the certificates (see `config::IdentityConfig`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::agent::{AgentConfig, CloudAgent, NoIam};
+use crate::api::cloud::discovery::{self, DiscoveryInputs};
+use crate::api::cloud::link::{CloudLink, LinkConfig, LinkHandle};
+use crate::api::cloud::transport;
+use crate::api::dns::DnsServer;
+use crate::api::dnszone::{self, keep_in_sync};
+use crate::api::sm::network::NetworkService;
+use crate::api::sm::server::{TlsPem, serve};
+use crate::api::sm::{SmConfig, SmController};
+use crate::config::{Config, IdentityConfig};
+use crate::engine::{self, StoreSink};
+use crate::executor::UnitExecutor;
+use crate::reconcilers::runner::{Runner, RunnerConfig};
+use crate::sim::unit::wall_clock;
+use crate::store::Store;
+
+/// Why the daemon could not start. Each names what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{what}: {reason}")]
+    Setup { what: String, reason: String },
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> DaemonError + '_ {
+    move |e| DaemonError::Setup {
+        what: what.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub store: Arc<Store>,
+    pub sm: SmController,
+    /// Where the SM server listens.
+    pub sm_addr: SocketAddr,
+    pub link: LinkHandle,
+    pub agent: Arc<CloudAgent<NoIam>>,
+    pub dns: Option<Arc<DnsServer>>,
+    stop: watch::Sender<bool>,
+    server_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+/// `cmServerUrl` as a socket address: `:8093` means every interface.
+pub async fn listen_addr(url: &str) -> Result<SocketAddr, String> {
+    let url = url.trim();
+    let url = url.strip_prefix("tcp://").unwrap_or(url);
+    if url.is_empty() {
+        return Err("cmServerUrl is not set".to_owned());
+    }
+    let full = if url.starts_with(':') {
+        format!("0.0.0.0{url}")
+    } else {
+        url.to_owned()
+    };
+    if let Ok(a) = full.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(full.as_str())
+        .await
+        .map_err(|e| format!("cmServerUrl {url:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cmServerUrl {url:?}: no address"))
+}
+
+fn read_pem(path: &Path, what: &str) -> Result<String, DaemonError> {
+    std::fs::read_to_string(path).map_err(|e| DaemonError::Setup {
+        what: format!("reading the {what} {}", path.display()),
+        reason: e.to_string(),
+    })
+}
+
+fn identity(config: &Config) -> Result<&IdentityConfig, DaemonError> {
+    config.identity.as_ref().ok_or_else(|| DaemonError::Setup {
+        what: "identity".to_owned(),
+        reason: "the config has no `identity` section and the IAM client is not available in \
+                 this build yet: give the system ID, the main node ID and the nodes file there \
+                 (see aos_cm.cfg.sample)"
+            .to_owned(),
+    })
+}
+
+/// The cloud link settings from the config and the identity.
+pub fn link_config(config: &Config, id: &IdentityConfig) -> Result<LinkConfig, DaemonError> {
+    let url = discovery::discovery_url(&DiscoveryInputs {
+        override_url: &config.override_service_discovery_url,
+        config_url: &config.service_discovery_url,
+        issuer_alt_uris: &[],
+        organization: None,
+    })
+    .map_err(setup("choosing the service discovery URL"))?;
+    let mut link = LinkConfig::new(&id.system_id, &url);
+    link.response_wait = config.cloud_response_wait_timeout;
+    if !config.cloud_message_log.as_os_str().is_empty() {
+        link.message_log = Some(config.cloud_message_log.clone());
+    }
+    let needs_tls = url.starts_with("https://") || url.starts_with("wss://");
+    if needs_tls || !config.ca_cert.as_os_str().is_empty() {
+        let ca = std::fs::read(&config.ca_cert).map_err(|e| DaemonError::Setup {
+            what: format!("reading caCert {}", config.ca_cert.display()),
+            reason: e.to_string(),
+        })?;
+        let client = if id.cert_file.as_os_str().is_empty() {
+            None
+        } else {
+            Some((
+                read_pem(&id.cert_file, "online certificate")?,
+                read_pem(&id.key_file, "online key")?,
+            ))
+        };
+        let tls = transport::client_tls(
+            &ca,
+            client.as_ref().map(|(c, k)| (c.as_bytes(), k.as_bytes())),
+        )
+        .map_err(setup("setting up TLS for the cloud"))?;
+        link.tls = Some(tls);
+    }
+    Ok(link)
+}
+
+impl Daemon {
+    /// Starts every part; `runner` tunes the reconcile loop (the daemon uses the defaults).
+    pub async fn start(config: &Config, runner: RunnerConfig) -> Result<Daemon, DaemonError> {
+        let id = identity(config)?;
+        std::fs::create_dir_all(&config.working_dir).map_err(setup("creating workingDir"))?;
+        let store =
+            Arc::new(Store::open(&config.store_path()).map_err(setup("opening the store"))?);
+
+        // Nodes from the identity's nodes file; what SMs reported stays.
+        if !id.nodes_file.as_os_str().is_empty() {
+            let nodes = crate::scenario::load_nodes(&id.nodes_file)
+                .map_err(setup("reading identity.nodesFile"))?;
+            let known = store.snapshot().map_err(setup("reading the store"))?;
+            store
+                .write(|tx| {
+                    for (node_id, mut node) in nodes {
+                        match known.observed.nodes.get(&node_id) {
+                            Some(old) => {
+                                node.sm = old.sm.clone();
+                                node.connection = old.connection.clone();
+                                node.node_config = old.node_config.clone();
+                                node.usage = old.usage;
+                            }
+                            None => {
+                                node.sm = None;
+                                node.connection =
+                                    crate::model::Connection::Disconnected { since: 0 };
+                            }
+                        }
+                        tx.put_node(&node)?;
+                    }
+                    Ok(())
+                })
+                .map_err(setup("writing the nodes"))?;
+        }
+
+        let clock = wall_clock();
+        let sm_config = SmConfig {
+            sm_connection_timeout: config.node_info_provider.sm_connection_timeout,
+            file_server_url: config.file_server_url.clone(),
+            storage_dir: config.storage_dir.to_string_lossy().into_owned(),
+            state_dir: config.state_dir.to_string_lossy().into_owned(),
+            ..SmConfig::default()
+        };
+        let sm = SmController::new(store.clone(), sm_config, clock.clone());
+        let listen = listen_addr(&config.cm_server_url)
+            .await
+            .map_err(setup("the SM server address"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(setup("binding the SM server (cmServerUrl)"))?;
+        let sm_addr = listener
+            .local_addr()
+            .map_err(setup("the SM server address"))?;
+        let tls = if id.sm_cert_file.as_os_str().is_empty() {
+            None
+        } else {
+            Some(TlsPem {
+                cert: read_pem(&id.sm_cert_file, "SM server certificate")?,
+                key: read_pem(&id.sm_key_file, "SM server key")?,
+                client_ca: read_pem(&config.ca_cert, "caCert")?,
+            })
+        };
+
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").ok();
+        let dns_config = dnszone::dns_config(&config.dns_ip, resolv.as_deref())
+            .map_err(setup("the DNS server address (dnsIp)"))?;
+        let dns = match dns_config {
+            Some(c) => Some(Arc::new(
+                DnsServer::start(c)
+                    .await
+                    .map_err(setup("starting the DNS server (dnsIp)"))?,
+            )),
+            None => None,
+        };
+        let dns_servers = dns
+            .as_ref()
+            .map(|d| vec![d.local_addr().ip().to_string()])
+            .unwrap_or_default();
+        let network = NetworkService::new(store.clone(), dns_servers);
+        if let Some(d) = &dns {
+            tasks.push((
+                "dns zone",
+                tokio::spawn(keep_in_sync(store.clone(), d.clone(), stop_rx.clone())),
+            ));
+        }
+
+        let (server_stop, server_rx) = tokio::sync::oneshot::channel::<()>();
+        let server_sm = sm.clone();
+        tasks.push((
+            "SM server",
+            tokio::spawn(async move {
+                if let Err(e) = serve(listener, server_sm, Some(network), tls, async {
+                    let _ = server_rx.await;
+                })
+                .await
+                {
+                    tracing::error!("SM server stopped: {e}");
+                }
+            }),
+        ));
+
+        let exec = Arc::new(UnitExecutor::new(store.clone(), sm.clone(), clock.clone()));
+        let reconcile = Runner::new(
+            engine::reconcilers(store.clone(), clock.clone()),
+            exec,
+            Arc::new(StoreSink {
+                store: store.clone(),
+                clock,
+            }),
+            runner,
+        );
+        let changes = store.subscribe();
+        tasks.push((
+            "runner",
+            tokio::spawn(reconcile.run(changes, stop_rx.clone())),
+        ));
+
+        let (link, link_runner) = CloudLink::build(link_config(config, id)?);
+        let agent = Arc::new(CloudAgent::new(
+            store.clone(),
+            sm.clone(),
+            link.clone(),
+            Arc::new(NoIam {
+                main_node: id.node_id.clone(),
+            }),
+            AgentConfig::from_config(config),
+        ));
+        tasks.push((
+            "cloud link",
+            tokio::spawn(link_runner.run(agent.clone(), stop_rx.clone())),
+        ));
+        tasks.push(("cloud agent", tokio::spawn(agent.clone().run(stop_rx))));
+
+        Ok(Daemon {
+            store,
+            sm,
+            sm_addr,
+            link,
+            agent,
+            dns,
+            stop,
+            server_stop: Some(server_stop),
+            tasks,
+        })
+    }
+
+    /// Stops every part and waits up to `grace` for them; returns whether all ended in time.
+    pub async fn shutdown(mut self, grace: Duration) -> bool {
+        let _ = self.stop.send(true);
+        if let Some(s) = self.server_stop.take() {
+            let _ = s.send(());
+        }
+        self.sm.close_all();
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut done = true;
+        // The SM server last, and briefly: its graceful stop would wait for every node's
+        // stream; once the store writers have ended, dropping the connections is what a node
+        // sees when the CM stops anyway.
+        let mut tasks = std::mem::take(&mut self.tasks);
+        tasks.sort_by_key(|(name, _)| *name == "SM server");
+        for (name, task) in tasks {
+            let abort = task.abort_handle();
+            let until = if name == "SM server" {
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(500))
+            } else {
+                deadline
+            };
+            if tokio::time::timeout_at(until, task).await.is_err() {
+                if name == "SM server" {
+                    abort.abort();
+                    continue;
+                }
+                tracing::warn!("{name} did not stop in time; aborted");
+                abort.abort();
+                done = false;
+            }
+        }
+        if let Some(d) = self.dns.take().and_then(|d| Arc::try_unwrap(d).ok()) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), d.shutdown()).await;
+        }
+        done
+    }
+}
+
+/// Tells systemd the daemon is ready when it was started with `Type=notify` (NOTIFY_SOCKET
+/// set); a no-op otherwise. Returns whether a notification was sent.
+pub fn sd_notify(state: &str) -> bool {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return false;
+    };
+    let path = socket.to_string_lossy().into_owned();
+    let sent = if let Some(name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    match sent {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("sd_notify {path}: {e}");
+            false
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! System test: the real `aos-cm run` binary as a child process, with the simulated cloud and
+//! simulated SMs over loopback. Desired state → converged → unit status at the cloud; SIGKILL
+//! in the middle of an update and a restart converge to the same allocations as an undisturbed
+//! run; SIGTERM exits 0 promptly.
+//!
+//! Until image download lands (issue 6) the store is seeded with the example's catalogue and
+//! blobs, as the demo does; the desired state itself comes over the WebSocket.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use aos_cm::model::{Allocations, SmInfo};
+use aos_cm::scenario;
+use aos_cm::sim::cloud::{CloudOptions, Frame, SimCloud};
+use aos_cm::sim::sm::{SimOptions, SimSm};
+use aos_cm::sim::unit;
+use aos_cm::store::Store;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+const SYSTEM_ID: &str = "3f9c2a7e51d84b0c9e6a1d2b4c8f0e17";
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/desired-states/fresh-install")
+}
+
+/// A working directory with a seeded store (no desired state) and a config pointing at the
+/// cloud; returns the config path and the SM infos the simulated nodes send.
+fn prepare(dir: &Path, cloud: &SimCloud) -> (PathBuf, Vec<(String, SmInfo)>) {
+    let sc = scenario::load(&example()).expect("example");
+    let mut snap = sc.snapshot;
+    let sms = unit::before_sms_connect(&mut snap);
+    snap.desired = None;
+    {
+        let store = Store::open(&dir.join("cm.redb")).expect("store");
+        store.write(|tx| tx.set_snapshot(&snap)).expect("seed");
+    }
+    let config = json!({
+        "workingDir": dir,
+        "serviceDiscoveryUrl": cloud.discovery_url(),
+        "cmServerUrl": "127.0.0.1:0",
+        "storageDir": dir.join("storages"),
+        "stateDir": dir.join("states"),
+        "unitStatusSendTimeout": "100ms",
+        "cloudResponseWaitTimeout": "5s",
+        "alerts": {"sendPeriod": "200ms"},
+        "monitoring": {"sendPeriod": "1s"},
+        "identity": {
+            "systemId": SYSTEM_ID,
+            "nodeId": "main",
+            "nodesFile": example().join("nodes.json"),
+        }
+    });
+    let path = dir.join("aos_cm.cfg");
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    (path, sms)
+}
+
+struct Daemon {
+    child: Child,
+    sm_addr: SocketAddr,
+}
+
+async fn spawn(config: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
+        .args(["run", "-c"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("aos-cm run");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .next_line()
+        .await
+        .expect("read stdout")
+        .expect("the daemon printed its SM address");
+    let addr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    Daemon {
+        child,
+        sm_addr: addr,
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("SM server")
+}
+
+fn acked(frames: &[Frame], txn: &str) -> bool {
+    frames.iter().any(|f| {
+        f.from_unit && f.message_type().as_deref() == Some("ack") && f.txn().as_deref() == Some(txn)
+    })
+}
+
+/// A full unitStatus of session `session` (or later) with every instance active.
+fn converged_status(frames: &[Frame], session: u64) -> Option<Value> {
+    frames
+        .iter()
+        .filter(|f| f.from_unit && f.session >= session)
+        .filter(|f| f.message_type().as_deref() == Some("unitStatus"))
+        .filter_map(Frame::json)
+        .filter(|v| v["data"]["isDeltaInfo"] == json!(false))
+        .find(|v| {
+            let states: Vec<Value> = v["data"]["instances"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|g| g["instances"].as_array().cloned().unwrap_or_default())
+                .map(|i| i["state"].clone())
+                .collect();
+            states.len() >= 5 && states.iter().all(|s| s == "active")
+        })
+}
+
+fn desired() -> Value {
+    let text = std::fs::read_to_string(example().join("desired.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["data"].clone()
+}
+
+async fn terminate(mut d: Daemon) -> std::process::ExitStatus {
+    let pid = d.child.id().expect("running");
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    tokio::time::timeout(Duration::from_secs(5), d.child.wait())
+        .await
+        .expect("exits within 5 s after SIGTERM")
+        .expect("wait")
+}
+
+/// Runs the unit to convergence; with `kill_mid_update`, SIGKILLs the daemon right after it
+/// ACKed the desired state (the SMs are still starting instances) and starts it again.
+/// Returns the allocations in the store afterwards.
+async fn run_unit(kill_mid_update: bool) -> (Option<Allocations>, Allocations) {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID)).await.unwrap();
+    let (config, sms) = prepare(dir.path(), &cloud);
+    let mut daemon = spawn(&config).await;
+    let options = SimOptions {
+        delay: Duration::from_millis(300),
+        ..SimOptions::default()
+    };
+    let mut sims = Vec::new();
+    for (node, info) in sms {
+        let mut sim = SimSm::new(&node, info, options.clone());
+        sim.connect(channel(daemon.sm_addr).await).await.unwrap();
+        sims.push(sim);
+    }
+    cloud.wait_from_unit("unitStatus", 1).await;
+    let txn = cloud.send_data(desired()).expect("session");
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    let mut session = 1;
+    let mut at_kill = None;
+    if kill_mid_update {
+        daemon.child.start_kill().unwrap();
+        let status = daemon.child.wait().await.unwrap();
+        assert!(!status.success());
+        {
+            let store = Store::open(&dir.path().join("cm.redb")).unwrap();
+            at_kill = Some(store.snapshot().unwrap().allocations);
+        }
+        daemon = spawn(&config).await;
+        for sim in &mut sims {
+            sim.connect(channel(daemon.sm_addr).await).await.unwrap();
+        }
+        session = 2;
+    }
+    let full = cloud.wait_for(|f| converged_status(f, session)).await;
+    let nodes = full["data"]["nodes"].as_array().unwrap();
+    assert!(
+        nodes.iter().all(|n| n["isConnected"] == json!(true)),
+        "{full}"
+    );
+    let status = terminate(daemon).await;
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    let store = Store::open(&dir.path().join("cm.redb")).unwrap();
+    let snap = store.snapshot().unwrap();
+    assert!(unit::converged(&snap));
+    (at_kill, snap.allocations)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_converges_and_a_kill_mid_update_ends_in_the_same_state() {
+    let (_, undisturbed) = run_unit(false).await;
+    let (at_kill, killed) = run_unit(true).await;
+    // Placement and UIDs are a function of the desired state and the nodes: the same as a run
+    // that was not disturbed.
+    assert_eq!(
+        killed.instances, undisturbed.instances,
+        "placements and UIDs"
+    );
+    assert_eq!(killed.networks.len(), undisturbed.networks.len());
+    assert!(!killed.instances.is_empty());
+    // Subnets, VLANs and IPs are handed out in the order the nodes ask for them, which differs
+    // from run to run; what the daemon had handed out before it was killed is kept after the
+    // restart.
+    let at_kill = at_kill.expect("store read after the kill");
+    for (ident, ip) in &at_kill.instance_ips {
+        assert_eq!(
+            killed.instance_ips.get(ident),
+            Some(ip),
+            "{ident}: IP changed"
+        );
+    }
+    for (ident, placement) in &at_kill.instances {
+        assert_eq!(
+            killed.instances.get(ident),
+            Some(placement),
+            "{ident}: moved"
+        );
+    }
+    for (id, net) in &at_kill.networks {
+        assert_eq!(killed.networks.get(id), Some(net), "{id}: network changed");
+    }
+}
+
+#[tokio::test]
+async fn a_config_without_identity_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("aos_cm.cfg");
+    std::fs::write(
+        &path,
+        json!({"workingDir": dir.path(), "cmServerUrl": "127.0.0.1:0"}).to_string(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("identity"), "{stderr}");
+    // A config that does not parse: exit 2 naming the key.
+    std::fs::write(&path, r#"{"unitStatusSendTimeout": "soon"}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unitStatusSendTimeout"));
+}
