@@ -281,3 +281,62 @@ pub fn sm_info(v: &Value, path: &str, probs: &mut Problems) -> Option<(String, S
         },
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_node(text: &str) -> NodeInfo {
+        let mut probs = Problems::default();
+        let v = json::parse(text).unwrap();
+        let n = node_info(&v, "$", &mut probs).unwrap();
+        assert!(probs.is_empty(), "{probs}");
+        n
+    }
+
+    #[test]
+    fn json_and_prost_forms_agree() {
+        let n = json_node(
+            r#"{"nodeId":"n1","nodeType":"t","title":"T","maxDmips":"100","totalRam":5,
+                "physicalRam":6,"osInfo":{"os":"linux","version":"6"},
+                "cpus":[{"modelName":"m","numCores":2,"numThreads":4,
+                         "archInfo":{"architecture":"arm64","variant":"v8"},"maxDmips":100}],
+                "partitions":[{"name":"p","types":["states"],"totalSize":"7","path":"/p"}],
+                "attrs":[{"name":"MainNode","value":""}],"state":"paused",
+                "error":{"aosCode":1,"message":"m"}}"#,
+        );
+        let pb = node_info_to_pb(&n);
+        assert_eq!(pb.state, "paused");
+        assert_eq!(node_info_from_pb(pb), Some(n));
+    }
+
+    #[test]
+    fn prost_defaults_follow_the_json_rules() {
+        // Empty state (proto3 leaves it out) is provisioned, as an absent JSON state.
+        let absent = json_node(r#"{"nodeId":"n1"}"#);
+        let from_pb = node_info_from_pb(pbi::NodeInfo {
+            node_id: "n1".into(),
+            os_info: Some(pbc::OsInfo::default()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(from_pb, absent);
+        assert_eq!(from_pb.state, NodeState::Provisioned);
+        assert_eq!(from_pb.os_info.version, None);
+
+        let odd = node_info_from_pb(pbi::NodeInfo {
+            node_id: "n1".into(),
+            state: "exploded".into(),
+            error: Some(pbc::ErrorInfo {
+                aos_code: 0,
+                exit_code: 0,
+                message: "not an error".into(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(odd.state, NodeState::Error);
+        assert_eq!(odd.error, None);
+        assert_eq!(node_info_from_pb(pbi::NodeInfo::default()), None);
+    }
+}
