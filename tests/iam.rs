@@ -608,3 +608,213 @@ async fn mutual_tls_with_the_unit_ca() {
     assert!(wrong_ca.get_system_info().await.is_err());
     assert_eq!(sim.calls_to("PauseNode"), ["PauseNode secondary-1"]);
 }
+
+// ---- the cloud agent's certificate and provisioning handlers over the real client ----------
+
+fn node(id: &str) -> aos_cm::api::cloud::messages::Identity {
+    aos_cm::api::cloud::messages::Identity {
+        codename: Some(id.into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_renewal_and_installation_run_through_the_iam() {
+    use aos_cm::api::cloud::certs;
+    use aos_cm::api::cloud::messages::*;
+    let (sim, client) = start().await;
+    let base = sim.calls().len();
+
+    // Start: StartProvisioning, GetCertTypes, one CreateKey per type in IAM's order.
+    let started = certs::start_provisioning(
+        &client,
+        &StartProvisioningRequest {
+            correlation_id: None,
+            node: node("secondary-1"),
+            password: "pw".into(),
+        },
+    )
+    .await;
+    assert_eq!(started.error_info, None);
+    assert_eq!(
+        started
+            .csrs
+            .iter()
+            .map(|c| (c.cert_type, c.csr.clone()))
+            .collect::<Vec<_>>(),
+        [
+            (CertType::Iam, sim_csr("secondary-1", "iam")),
+            (CertType::Sm, sim_csr("secondary-1", "sm")),
+        ]
+    );
+
+    // Finish: ApplyCert per certificate, then FinishProvisioning.
+    let finished = certs::finish_provisioning(
+        &client,
+        &FinishProvisioningRequest {
+            correlation_id: None,
+            node: node("secondary-1"),
+            certificates: vec![
+                CertChainData {
+                    cert_type: CertType::Iam,
+                    chain: "iam pem".into(),
+                },
+                CertChainData {
+                    cert_type: CertType::Sm,
+                    chain: "sm pem".into(),
+                },
+            ],
+            password: "pw".into(),
+        },
+    )
+    .await;
+    assert_eq!(finished.error_info, None);
+
+    // Renewal: CreateKey with each node's secret.
+    let renewed = certs::renew(
+        &client,
+        &RenewCertificatesNotification {
+            correlation_id: None,
+            certificates: vec![
+                RenewCertData {
+                    cert_type: CertType::Online,
+                    node: node("main"),
+                    serial: "1000".into(),
+                    valid_till: None,
+                },
+                RenewCertData {
+                    cert_type: CertType::Sm,
+                    node: node("secondary-2"),
+                    serial: "01".into(),
+                    valid_till: None,
+                },
+            ],
+            unit_secrets: UnitSecrets {
+                version: "2.0.0".into(),
+                nodes: vec![
+                    NodeSecret {
+                        node: node("main"),
+                        secret: "main-secret".into(),
+                    },
+                    NodeSecret {
+                        node: node("secondary-2"),
+                        secret: "s2-secret".into(),
+                    },
+                ],
+            },
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(renewed.requests.len(), 2);
+    assert_eq!(renewed.requests[0].csr, sim_csr("main", "online"));
+
+    // Installation: other nodes first, the main node's iam certificate last; serials from IAM.
+    let mut cert_sub = client.watch_cert("online");
+    opened(&mut cert_sub).await;
+    let installed = certs::install(
+        &client,
+        &IssuedUnitCertificates {
+            correlation_id: None,
+            certificates: vec![
+                IssuedCertData {
+                    cert_type: CertType::Iam,
+                    node: node("main"),
+                    certificate_chain: "a".into(),
+                },
+                IssuedCertData {
+                    cert_type: CertType::Online,
+                    node: node("main"),
+                    certificate_chain: "b".into(),
+                },
+                IssuedCertData {
+                    cert_type: CertType::Sm,
+                    node: node("secondary-2"),
+                    certificate_chain: "c".into(),
+                },
+            ],
+        },
+    )
+    .await;
+    assert_eq!(
+        installed
+            .certificates
+            .iter()
+            .map(|c| (
+                c.node.codename.clone().unwrap(),
+                c.serial.clone(),
+                c.error_info.is_none()
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("secondary-2".to_string(), "a003".to_string(), true),
+            ("main".to_string(), "a004".to_string(), true),
+            ("main".to_string(), "a005".to_string(), true),
+        ]
+    );
+    // The main node's new online certificate is announced to its subscribers.
+    let c = next_change(&mut cert_sub).await;
+    assert_eq!(c.serial, "a004");
+
+    // Deprovisioning the main node is refused without asking IAM; another node is asked.
+    let refused = certs::deprovisioning(
+        &client,
+        &DeprovisioningRequest {
+            correlation_id: None,
+            node: node("main"),
+            password: "pw".into(),
+        },
+    )
+    .await;
+    assert!(refused.error_info.is_some());
+    let done = certs::deprovisioning(
+        &client,
+        &DeprovisioningRequest {
+            correlation_id: None,
+            node: node("secondary-2"),
+            password: "pw".into(),
+        },
+    )
+    .await;
+    assert_eq!(done.error_info, None);
+
+    // An IAM failure reaches the cloud response with IAM's text.
+    sim.fail("StartProvisioning", 6, "wrong password");
+    let failed = certs::start_provisioning(
+        &client,
+        &StartProvisioningRequest {
+            correlation_id: None,
+            node: node("secondary-2"),
+            password: "bad".into(),
+        },
+    )
+    .await;
+    let info = failed.error_info.unwrap();
+    assert_eq!(info.aos_code, 6);
+    assert_eq!(info.message, "start provisioning: wrong password");
+    assert!(failed.csrs.is_empty());
+
+    assert_eq!(
+        sim.calls()[base..]
+            .iter()
+            .filter(|c| !c.starts_with("Subscribe"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        [
+            "StartProvisioning secondary-1 pw",
+            "GetCertTypes secondary-1",
+            "CreateKey secondary-1 iam \"\" pw",
+            "CreateKey secondary-1 sm \"\" pw",
+            "ApplyCert secondary-1 iam",
+            "ApplyCert secondary-1 sm",
+            "FinishProvisioning secondary-1 pw",
+            "CreateKey main online \"\" main-secret",
+            "CreateKey secondary-2 sm \"\" s2-secret",
+            "ApplyCert secondary-2 sm",
+            "ApplyCert main online",
+            "ApplyCert main iam",
+            "Deprovision secondary-2 pw",
+            "StartProvisioning secondary-2 bad",
+        ]
+    );
+}
