@@ -592,10 +592,34 @@ async fn mutual_tls_with_the_unit_ca() {
     assert_eq!(client.current_node_id(), "main");
     client.pause_node("secondary-1").await.unwrap();
 
-    // Without a client certificate the server refuses the connection.
+    // Without a client certificate the protected API refuses; the public one answers.
+    config.public_tls = Some(tls(None));
     config.protected_tls = Some(tls(None));
     let no_cert = IamClient::new(&config).unwrap();
-    assert!(no_cert.pause_node("secondary-1").await.is_err());
+    let err = no_cert.pause_node("secondary-1").await.unwrap_err();
+    assert!(err.message.contains("client certificate"), "{err}");
+    assert!(no_cert.get_system_info().await.is_ok());
+
+    // As the upstream CM connects: public with the CA, protected with the certificate of its
+    // certStorage type that the public API reports (file:// URLs).
+    let dir = tempfile::tempdir().unwrap();
+    let (cm_cert, cm_key) = ca.leaf("cm");
+    let cert_path = dir.path().join("cm.pem");
+    let key_path = dir.path().join("cm.key");
+    std::fs::write(&cert_path, cm_cert).unwrap();
+    std::fs::write(&key_path, cm_key).unwrap();
+    sim.set_cert_files(
+        "cm",
+        &format!("file://{}", cert_path.display()),
+        &format!("file://{}", key_path.display()),
+        &[7],
+    );
+    let client = IamClient::connect_with_cert(&config, &ca.pem(), "cm")
+        .await
+        .unwrap();
+    client.resume_node("secondary-1").await.unwrap();
+    let missing = IamClient::connect_with_cert(&config, &ca.pem(), "nope").await;
+    assert!(missing.is_err());
 
     // A server certificate from another CA is refused by the client.
     let other = Ca::new("other CA");
@@ -607,6 +631,7 @@ async fn mutual_tls_with_the_unit_ca() {
     let wrong_ca = IamClient::new(&config).unwrap();
     assert!(wrong_ca.get_system_info().await.is_err());
     assert_eq!(sim.calls_to("PauseNode"), ["PauseNode secondary-1"]);
+    assert_eq!(sim.calls_to("ResumeNode"), ["ResumeNode secondary-1"]);
 }
 
 // ---- the cloud agent's certificate and provisioning handlers over the real client ----------

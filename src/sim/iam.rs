@@ -47,7 +47,8 @@ pub struct SimCert {
 }
 
 /// TLS of the simulated IAM: its certificate and key, and the CA client certificates must
-/// chain to (required when set).
+/// chain to. With a client CA, a client certificate is optional for the public services and
+/// required for the protected ones (as a real IAM's two ports would have it).
 #[derive(Debug, Clone)]
 pub struct SimIamTls {
     pub cert: String,
@@ -150,11 +151,23 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// The protected services refuse calls without a verified client certificate.
+    require_client_cert: bool,
     /// Woken on every call.
     notify: Notify,
 }
 
 impl Shared {
+    /// Refuses a protected call made without a client certificate (when one is required).
+    fn protected<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.require_client_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "the protected IAM API needs a client certificate",
+            ));
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -404,6 +417,7 @@ impl IamNodesService for Svc {
         &self,
         request: Request<pb::PauseNodeRequest>,
     ) -> Result<Response<pb::PauseNodeResponse>, Status> {
+        self.0.protected(&request)?;
         let id = request.into_inner().node_id;
         let mut st = self.0.call(format!("PauseNode {id}"))?;
         let error = match st.failure("PauseNode") {
@@ -417,6 +431,7 @@ impl IamNodesService for Svc {
         &self,
         request: Request<pb::ResumeNodeRequest>,
     ) -> Result<Response<pb::ResumeNodeResponse>, Status> {
+        self.0.protected(&request)?;
         let id = request.into_inner().node_id;
         let mut st = self.0.call(format!("ResumeNode {id}"))?;
         let error = match st.failure("ResumeNode") {
@@ -433,6 +448,7 @@ impl IamProvisioningService for Svc {
         &self,
         request: Request<pb::GetCertTypesRequest>,
     ) -> Result<Response<pb::CertTypes>, Status> {
+        self.0.protected(&request)?;
         let id = request.into_inner().node_id;
         let st = self.0.call(format!("GetCertTypes {id}"))?;
         st.status_failure("GetCertTypes")?;
@@ -451,6 +467,7 @@ impl IamProvisioningService for Svc {
         &self,
         request: Request<pb::StartProvisioningRequest>,
     ) -> Result<Response<pb::StartProvisioningResponse>, Status> {
+        self.0.protected(&request)?;
         let r = request.into_inner();
         let st = self
             .0
@@ -466,6 +483,7 @@ impl IamProvisioningService for Svc {
         &self,
         request: Request<pb::FinishProvisioningRequest>,
     ) -> Result<Response<pb::FinishProvisioningResponse>, Status> {
+        self.0.protected(&request)?;
         let r = request.into_inner();
         let mut st = self
             .0
@@ -481,6 +499,7 @@ impl IamProvisioningService for Svc {
         &self,
         request: Request<pb::DeprovisionRequest>,
     ) -> Result<Response<pb::DeprovisionResponse>, Status> {
+        self.0.protected(&request)?;
         let r = request.into_inner();
         let mut st = self
             .0
@@ -499,6 +518,7 @@ impl IamCertificateService for Svc {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        self.0.protected(&request)?;
         let r = request.into_inner();
         let st = self.0.call(format!(
             "CreateKey {} {} {:?} {}",
@@ -525,6 +545,7 @@ impl IamCertificateService for Svc {
         &self,
         request: Request<pb::ApplyCertRequest>,
     ) -> Result<Response<pb::ApplyCertResponse>, Status> {
+        self.0.protected(&request)?;
         let r = request.into_inner();
         let mut st = self
             .0
@@ -601,6 +622,7 @@ impl SimIam {
                 cert_subs: Vec::new(),
             }),
             notify: Notify::new(),
+            require_client_cert: tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         });
         let mut sim = SimIam {
             addr,
@@ -620,7 +642,7 @@ impl SimIam {
             if let Some(ca) = &tls.client_ca {
                 cfg = cfg
                     .client_ca_root(Certificate::from_pem(ca))
-                    .client_auth_optional(false);
+                    .client_auth_optional(true);
             }
             builder = builder
                 .tls_config(cfg)
@@ -724,6 +746,18 @@ impl SimIam {
         let mut cert = sim_cert(&node, cert_type, serial.to_vec());
         cert.cert_url = cert_url.to_string();
         st.set_cert(cert_type, cert);
+    }
+
+    /// Like [`SimIam::set_cert`], with the certificate and key at these URLs.
+    pub fn set_cert_files(&self, cert_type: &str, cert_url: &str, key_url: &str, serial: &[u8]) {
+        self.shared.lock().set_cert(
+            cert_type,
+            SimCert {
+                cert_url: cert_url.to_string(),
+                key_url: key_url.to_string(),
+                serial: serial.to_vec(),
+            },
+        );
     }
 
     /// Makes `rpc` (e.g. "CreateKey") fail: calls with an `ErrorInfo` answer with this code and

@@ -46,6 +46,38 @@ pub struct ClientTls {
     pub domain: Option<String>,
 }
 
+impl ClientTls {
+    /// Mutual TLS with a certificate as IAM reports it (`GetCert` of the CM's `certStorage`
+    /// type): the certificate chain and the key are read from their `file://` URLs.
+    pub fn from_cert_info(ca_cert: &str, cert: &CertInfo) -> Result<ClientTls, IamError> {
+        Ok(ClientTls {
+            ca_cert: ca_cert.to_string(),
+            identity: Some((read_pem_url(&cert.cert_url)?, read_pem_url(&cert.key_url)?)),
+            domain: None,
+        })
+    }
+}
+
+/// PEM material behind a certificate or key URL: a `file://` URL or a plain path. Keys that
+/// live in PKCS#11 tokens or a TPM (`pkcs11:` URLs) are not supported.
+pub fn read_pem_url(url: &str) -> Result<String, IamError> {
+    let path = match url.split_once("://") {
+        Some(("file", path)) => path,
+        Some((scheme, _)) => {
+            return Err(IamError::new(format!(
+                "{url}: {scheme} URLs are not supported, only file://"
+            )));
+        }
+        None if url.starts_with("pkcs11:") => {
+            return Err(IamError::new(format!(
+                "{url}: PKCS#11 keys are not supported, only file://"
+            )));
+        }
+        None => url,
+    };
+    std::fs::read_to_string(path).map_err(|e| IamError::new(format!("{url}: {e}")))
+}
+
 /// Reconnection backoff of subscriptions (upstream: 1 to 3 s).
 #[derive(Debug, Clone, Copy)]
 pub struct RetryConfig {
@@ -239,6 +271,29 @@ impl IamClient {
         let client = IamClient::new(config)?;
         client.get_current_node_info().await?;
         Ok(client)
+    }
+
+    /// As the upstream CM connects: the public API first, then the protected API with mutual
+    /// TLS, its client certificate the one of `cert_type` (`certStorage`) that the public API
+    /// reports, checked against `ca_cert`. `config.protected_tls` is replaced; its `domain`
+    /// is kept.
+    pub async fn connect_with_cert(
+        config: &IamConfig,
+        ca_cert: &str,
+        cert_type: &str,
+    ) -> Result<IamClient, IamError> {
+        let public = IamClient::new(&IamConfig {
+            protected_url: None,
+            ..config.clone()
+        })?;
+        let cert = public.get_cert(cert_type, &[], "").await?;
+        let mut tls = ClientTls::from_cert_info(ca_cert, &cert)?;
+        tls.domain = config.protected_tls.as_ref().and_then(|t| t.domain.clone());
+        IamClient::connect(&IamConfig {
+            protected_tls: Some(tls),
+            ..config.clone()
+        })
+        .await
     }
 
     pub fn retry(&self) -> RetryConfig {

@@ -15,6 +15,7 @@ pub mod client;
 pub mod sync;
 
 pub use client::{
-    CertInfo, ClientTls, IamClient, IamConfig, RetryConfig, SystemInfo, WatchEvent, watch,
+    CertInfo, ClientTls, IamClient, IamConfig, RetryConfig, SystemInfo, WatchEvent, read_pem_url,
+    watch,
 };
 pub use sync::sync_to_store;
