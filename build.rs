@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/common/v2/common.proto",
         "proto/servicemanager/v5/servicemanager.proto",
         "proto/servicemanager/v5/network.proto",
+        "proto/iamanager/v6/iamanager.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;

@@ -1,10 +1,32 @@
-//! IAM `NodeInfo` (iamanager.v6) and SM `SMInfo` (servicemanager.v5) in proto3 JSON form, as a
-//! scenario's `nodes.json` carries them, converted into the model. proto3 JSON writes 64-bit
-//! integers as strings; both forms are accepted.
+//! IAM `NodeInfo` (iamanager.v6) and SM `SMInfo` (servicemanager.v5) converted into the model:
+//! in proto3 JSON form, as a scenario's `nodes.json` carries them, and as the IAM client
+//! receives them (prost messages). proto3 JSON writes 64-bit integers as strings; both forms are
+//! accepted. Both forms share the rules for state, error and empty optional strings.
 
 use crate::api::json::{self, Obj, Problems};
+use crate::api::proto::common::v2 as pbc;
+use crate::api::proto::iamanager::v6 as pbi;
 use crate::model::*;
 use serde_json::Value;
+
+/// A node's state from its wire string: absent or empty (proto3 leaves it out) means
+/// provisioned, an unknown string means error.
+fn node_state(state: Option<&str>) -> NodeState {
+    match state {
+        None | Some("") => NodeState::Provisioned,
+        Some(s) => NodeState::parse(s).unwrap_or(NodeState::Error),
+    }
+}
+
+/// An `ErrorInfo` is an error only when its Aos code is set; its message is what is kept.
+fn error_text(aos_code: i64, message: impl FnOnce() -> String) -> Option<String> {
+    (aos_code != 0).then(message)
+}
+
+/// proto3 has no optional strings: empty means absent.
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
 
 fn arch(o: &Obj<'_>, probs: &mut Problems) -> ArchInfo {
     match o
@@ -13,7 +35,7 @@ fn arch(o: &Obj<'_>, probs: &mut Problems) -> ArchInfo {
     {
         Some(a) => ArchInfo {
             architecture: a.string("architecture", probs).unwrap_or_default(),
-            variant: a.string("variant", probs).filter(|v| !v.is_empty()),
+            variant: a.string("variant", probs).and_then(non_empty),
         },
         None => ArchInfo::default(),
     }
@@ -26,7 +48,7 @@ fn os(o: &Obj<'_>, probs: &mut Problems) -> OsInfo {
     {
         Some(a) => OsInfo {
             os: a.string("os", probs).unwrap_or_default(),
-            version: a.string("version", probs).filter(|v| !v.is_empty()),
+            version: a.string("version", probs).and_then(non_empty),
             features: a.strings("features", probs),
         },
         None => OsInfo::default(),
@@ -38,7 +60,7 @@ pub fn node_info(v: &Value, path: &str, probs: &mut Problems) -> Option<NodeInfo
     let o = json::obj(v, path, probs)?;
     let node_id = o.id("nodeId", 64, probs)?;
     let state = match o.get("state") {
-        None => NodeState::Provisioned,
+        None => node_state(None),
         Some(_) => o
             .enumeration("state", NodeState::parse, NodeState::ALL, probs)
             .unwrap_or(NodeState::Error),
@@ -82,7 +104,9 @@ pub fn node_info(v: &Value, path: &str, probs: &mut Problems) -> Option<NodeInfo
         .and_then(|(p, ev)| json::obj(ev, &p, probs))
         .and_then(|e| {
             let code = e.u64("aosCode", probs).unwrap_or(0);
-            (code != 0).then(|| e.string("message", probs).unwrap_or_default())
+            error_text(code as i64, || {
+                e.string("message", probs).unwrap_or_default()
+            })
         });
     Some(NodeInfo {
         node_id,
@@ -98,6 +122,121 @@ pub fn node_info(v: &Value, path: &str, probs: &mut Problems) -> Option<NodeInfo
         state,
         error,
     })
+}
+
+fn arch_from_pb(a: Option<pbc::ArchInfo>) -> ArchInfo {
+    let a = a.unwrap_or_default();
+    ArchInfo {
+        architecture: a.architecture,
+        variant: non_empty(a.variant),
+    }
+}
+
+fn os_from_pb(o: Option<pbc::OsInfo>) -> OsInfo {
+    let o = o.unwrap_or_default();
+    OsInfo {
+        os: o.os,
+        version: non_empty(o.version),
+        features: o.features,
+    }
+}
+
+/// `iamanager.v6.NodeInfo` as the IAM client receives it. `None` when it names no node.
+pub fn node_info_from_pb(n: pbi::NodeInfo) -> Option<NodeInfo> {
+    if n.node_id.is_empty() {
+        return None;
+    }
+    Some(NodeInfo {
+        node_id: n.node_id,
+        node_type: n.node_type,
+        title: n.title,
+        max_dmips: n.max_dmips,
+        total_ram: n.total_ram,
+        physical_ram: n.physical_ram,
+        os_info: os_from_pb(n.os_info),
+        cpus: n
+            .cpus
+            .into_iter()
+            .map(|c| CpuInfo {
+                model_name: c.model_name,
+                num_cores: c.num_cores,
+                num_threads: c.num_threads,
+                arch_info: arch_from_pb(c.arch_info),
+                max_dmips: c.max_dmips,
+            })
+            .collect(),
+        partitions: n
+            .partitions
+            .into_iter()
+            .map(|p| PartitionInfo {
+                name: p.name,
+                types: p.types,
+                total_size: p.total_size,
+                path: p.path,
+            })
+            .collect(),
+        attrs: n.attrs.into_iter().map(|a| (a.name, a.value)).collect(),
+        state: node_state(Some(&n.state)),
+        error: n
+            .error
+            .and_then(|e| error_text(i64::from(e.aos_code), || e.message)),
+    })
+}
+
+/// The model's node info as `iamanager.v6.NodeInfo` (the simulated IAM serves it).
+pub fn node_info_to_pb(n: &NodeInfo) -> pbi::NodeInfo {
+    let arch = |a: &ArchInfo| pbc::ArchInfo {
+        architecture: a.architecture.clone(),
+        variant: a.variant.clone().unwrap_or_default(),
+    };
+    pbi::NodeInfo {
+        node_id: n.node_id.clone(),
+        node_type: n.node_type.clone(),
+        title: n.title.clone(),
+        max_dmips: n.max_dmips,
+        total_ram: n.total_ram,
+        physical_ram: n.physical_ram,
+        os_info: Some(pbc::OsInfo {
+            os: n.os_info.os.clone(),
+            version: n.os_info.version.clone().unwrap_or_default(),
+            features: n.os_info.features.clone(),
+        }),
+        cpus: n
+            .cpus
+            .iter()
+            .map(|c| pbi::CpuInfo {
+                model_name: c.model_name.clone(),
+                num_cores: c.num_cores,
+                num_threads: c.num_threads,
+                arch_info: Some(arch(&c.arch_info)),
+                max_dmips: c.max_dmips,
+            })
+            .collect(),
+        partitions: n
+            .partitions
+            .iter()
+            .map(|p| pbi::PartitionInfo {
+                name: p.name.clone(),
+                types: p.types.clone(),
+                total_size: p.total_size,
+                path: p.path.clone(),
+            })
+            .collect(),
+        attrs: n
+            .attrs
+            .iter()
+            .map(|(name, value)| pbi::NodeAttribute {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        state: n.state.as_str().to_string(),
+        error: n.error.as_ref().map(|m| pbc::ErrorInfo {
+            aos_code: 1,
+            exit_code: 0,
+            message: m.clone(),
+        }),
+    }
 }
 
 /// `servicemanager.v5.SMInfo`; returns the node ID it names and the info.
@@ -141,4 +280,63 @@ pub fn sm_info(v: &Value, path: &str, probs: &mut Problems) -> Option<(String, S
             resources,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_node(text: &str) -> NodeInfo {
+        let mut probs = Problems::default();
+        let v = json::parse(text).unwrap();
+        let n = node_info(&v, "$", &mut probs).unwrap();
+        assert!(probs.is_empty(), "{probs}");
+        n
+    }
+
+    #[test]
+    fn json_and_prost_forms_agree() {
+        let n = json_node(
+            r#"{"nodeId":"n1","nodeType":"t","title":"T","maxDmips":"100","totalRam":5,
+                "physicalRam":6,"osInfo":{"os":"linux","version":"6"},
+                "cpus":[{"modelName":"m","numCores":2,"numThreads":4,
+                         "archInfo":{"architecture":"arm64","variant":"v8"},"maxDmips":100}],
+                "partitions":[{"name":"p","types":["states"],"totalSize":"7","path":"/p"}],
+                "attrs":[{"name":"MainNode","value":""}],"state":"paused",
+                "error":{"aosCode":1,"message":"m"}}"#,
+        );
+        let pb = node_info_to_pb(&n);
+        assert_eq!(pb.state, "paused");
+        assert_eq!(node_info_from_pb(pb), Some(n));
+    }
+
+    #[test]
+    fn prost_defaults_follow_the_json_rules() {
+        // Empty state (proto3 leaves it out) is provisioned, as an absent JSON state.
+        let absent = json_node(r#"{"nodeId":"n1"}"#);
+        let from_pb = node_info_from_pb(pbi::NodeInfo {
+            node_id: "n1".into(),
+            os_info: Some(pbc::OsInfo::default()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(from_pb, absent);
+        assert_eq!(from_pb.state, NodeState::Provisioned);
+        assert_eq!(from_pb.os_info.version, None);
+
+        let odd = node_info_from_pb(pbi::NodeInfo {
+            node_id: "n1".into(),
+            state: "exploded".into(),
+            error: Some(pbc::ErrorInfo {
+                aos_code: 0,
+                exit_code: 0,
+                message: "not an error".into(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(odd.state, NodeState::Error);
+        assert_eq!(odd.error, None);
+        assert_eq!(node_info_from_pb(pbi::NodeInfo::default()), None);
+    }
 }

@@ -14,3 +14,9 @@ pub mod servicemanager {
         tonic::include_proto!("servicemanager.v5");
     }
 }
+
+pub mod iamanager {
+    pub mod v6 {
+        tonic::include_proto!("iamanager.v6");
+    }
+}
