@@ -29,6 +29,7 @@ use crate::api::sm::{SmConfig, SmController};
 use crate::config::{Config, IdentityConfig};
 use crate::engine::{self, StoreSink};
 use crate::executor::UnitExecutor;
+use crate::imagestore::fetch::Fetcher;
 use crate::reconcilers::runner::{Runner, RunnerConfig};
 use crate::sim::unit::wall_clock;
 use crate::store::Store;
@@ -242,7 +243,23 @@ impl Daemon {
             }),
         ));
 
-        let exec = Arc::new(UnitExecutor::new(store.clone(), sm.clone(), clock.clone()));
+        let link_config = link_config(config, id)?;
+        let roots_pem = if config.ca_cert.as_os_str().is_empty() {
+            Vec::new()
+        } else {
+            std::fs::read(&config.ca_cert).unwrap_or_default()
+        };
+        let (link, link_runner) = CloudLink::build(link_config.clone());
+        let fetcher = Fetcher {
+            link: link.clone(),
+            install_path: config.image_manager.install_path.clone(),
+            download_path: config.image_manager.download_path.clone(),
+            tls: link_config.tls.clone(),
+            roots_pem,
+        };
+        let exec = Arc::new(
+            UnitExecutor::new(store.clone(), sm.clone(), clock.clone()).with_fetcher(fetcher),
+        );
         let reconcile = Runner::new(
             engine::reconcilers(store.clone(), clock.clone()),
             exec,
@@ -258,7 +275,6 @@ impl Daemon {
             tokio::spawn(reconcile.run(changes, stop_rx.clone())),
         ));
 
-        let (link, link_runner) = CloudLink::build(link_config(config, id)?);
         let agent = Arc::new(CloudAgent::new(
             store.clone(),
             sm.clone(),

@@ -14,6 +14,7 @@ use crate::api::proto::common::v2 as pbc;
 use crate::api::sm::SmController;
 use crate::api::sm::convert::{self, InstancePaths};
 use crate::engine::Clock;
+use crate::imagestore::fetch::Fetcher;
 use crate::model::*;
 use crate::reconcilers::runner::{ExecFuture, Executor};
 use crate::store::Store;
@@ -24,6 +25,7 @@ pub struct UnitExecutor {
     sm: SmController,
     clock: Clock,
     placements: PlacementCommitter,
+    fetcher: Option<Arc<Fetcher>>,
 }
 
 impl UnitExecutor {
@@ -34,7 +36,15 @@ impl UnitExecutor {
             store,
             sm,
             clock,
+            fetcher: None,
         }
+    }
+
+    /// Blobs are fetched from the cloud with `fetcher` (without one, downloads fail with a
+    /// condition that says so).
+    pub fn with_fetcher(mut self, fetcher: Fetcher) -> UnitExecutor {
+        self.fetcher = Some(Arc::new(fetcher));
+        self
     }
 }
 
@@ -43,8 +53,11 @@ impl Executor<Action> for UnitExecutor {
         let store = self.store.clone();
         let sm = self.sm.clone();
         let committer = self.placements.clone();
+        let fetcher = self.fetcher.clone();
         let now = (self.clock)();
-        Box::pin(async move { run_batch(&store, &sm, &committer, batch, now).await })
+        Box::pin(
+            async move { run_batch(&store, &sm, &committer, fetcher.as_deref(), batch, now).await },
+        )
     }
 }
 
@@ -101,10 +114,45 @@ impl PlacementCommitter {
     }
 }
 
+/// Fetches one blob; for an item's index the whole image's documents too, and records the
+/// parsed image in the catalogue.
+async fn download_blob(store: &Arc<Store>, f: &Fetcher, digest: &Digest) -> Result<(), String> {
+    let snap = store.snapshot().map_err(|e| e.to_string())?;
+    let (certs, chains) = snap
+        .desired
+        .as_ref()
+        .map(|d| (d.certificates.clone(), d.certificate_chains.clone()))
+        .unwrap_or_default();
+    let is_index = snap.desired.as_ref().is_some_and(|d| {
+        d.items
+            .iter()
+            .any(|i| i.index_digest.as_ref() == Some(digest))
+    }) && !snap.catalogue.images.contains_key(digest);
+    if is_index {
+        let (image, fetched) = f.fetch_image(digest, &certs, &chains).await?;
+        store
+            .write(|tx| {
+                tx.add_blob(digest)?;
+                for d in &fetched {
+                    tx.add_blob(d)?;
+                }
+                tx.put_catalogue_image(&image)
+            })
+            .map_err(|e| e.to_string())?;
+    } else {
+        f.fetch_blob(digest, &certs, &chains).await?;
+        store
+            .write(|tx| tx.add_blob(digest))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 async fn run_batch(
     store: &Arc<Store>,
     sm: &SmController,
     committer: &PlacementCommitter,
+    fetcher: Option<&Fetcher>,
     batch: Vec<Action>,
     now: UnixMillis,
 ) -> Result<(), String> {
@@ -123,9 +171,31 @@ async fn run_batch(
             }
             Ok(())
         }
-        Action::DownloadBlob { digest, .. } => Err(format!(
-            "cannot download {digest}: this daemon has no image store yet"
-        )),
+        Action::DownloadBlob { digest, .. } => match fetcher {
+            Some(f) => {
+                for a in &batch {
+                    if let Action::DownloadBlob { digest, .. } = a {
+                        download_blob(store, f, digest).await?;
+                    }
+                }
+                Ok(())
+            }
+            None => Err(format!(
+                "cannot download {digest}: no cloud link to fetch blobs from"
+            )),
+        },
+        Action::DeleteBlob { .. } if fetcher.is_some() => {
+            if let Some(f) = fetcher {
+                for a in &batch {
+                    if let Action::DeleteBlob { digest } = a {
+                        f.delete(digest).await?;
+                    }
+                }
+            }
+            store
+                .write(|tx| tx.apply_batch(&batch, now))
+                .map_err(|e| e.to_string())
+        }
         Action::SetNodeState { node_id, state } => Err(format!(
             "cannot {} node {node_id}: no IAM client is configured",
             match state {

@@ -15,4 +15,5 @@ pub mod render;
 pub mod scenario;
 pub mod sim;
 pub mod status;
+pub mod storagestate;
 pub mod store;

@@ -3,8 +3,9 @@
 //! in the middle of an update and a restart converge to the same allocations as an undisturbed
 //! run; SIGTERM exits 0 promptly.
 //!
-//! Until image download lands (issue 6) the store is seeded with the example's catalogue and
-//! blobs, as the demo does; the desired state itself comes over the WebSocket.
+//! The store starts with the nodes' IAM information only: the desired state comes over the
+//! WebSocket, and every blob of the example's items is requested with `requestBlobUrls`,
+//! downloaded from the `file://` URLs the simulated cloud answers with, verified and stored.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,7 +35,10 @@ fn prepare(dir: &Path, cloud: &SimCloud) -> (PathBuf, Vec<(String, SmInfo)>) {
     let sc = scenario::load(&example()).expect("example");
     let mut snap = sc.snapshot;
     let sms = unit::before_sms_connect(&mut snap);
+    // Nothing downloaded yet: the daemon fetches every blob through the cloud.
     snap.desired = None;
+    snap.catalogue = Default::default();
+    snap.observed.blobs.clear();
     {
         let store = Store::open(&dir.join("cm.redb")).expect("store");
         store.write(|tx| tx.set_snapshot(&snap)).expect("seed");
@@ -151,7 +155,9 @@ async fn terminate(mut d: Daemon) -> std::process::ExitStatus {
 /// Returns the allocations in the store afterwards.
 async fn run_unit(kill_mid_update: bool) -> (Option<Allocations>, Allocations) {
     let dir = tempfile::tempdir().unwrap();
-    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID)).await.unwrap();
+    let mut options = CloudOptions::new(SYSTEM_ID);
+    options.blob_dir = Some(example().join("blobs"));
+    let cloud = SimCloud::start(options).await.unwrap();
     let (config, sms) = prepare(dir.path(), &cloud);
     let mut daemon = spawn(&config).await;
     let options = SimOptions {
@@ -189,11 +195,34 @@ async fn run_unit(kill_mid_update: bool) -> (Option<Allocations>, Allocations) {
         nodes.iter().all(|n| n["isConnected"] == json!(true)),
         "{full}"
     );
+    // Every blob was asked for by digest.
+    let asked: std::collections::BTreeSet<String> = cloud
+        .from_unit("requestBlobUrls")
+        .iter()
+        .filter_map(|f| f.json()?["data"]["digests"][0].as_str().map(str::to_owned))
+        .collect();
     let status = terminate(daemon).await;
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
     let store = Store::open(&dir.path().join("cm.redb")).unwrap();
     let snap = store.snapshot().unwrap();
     assert!(unit::converged(&snap));
+    assert!(
+        snap.observed.blobs.len() >= 10,
+        "{} blobs",
+        snap.observed.blobs.len()
+    );
+    for blob in &snap.observed.blobs {
+        assert!(
+            asked.contains(blob.as_str()),
+            "{blob} stored without being asked for"
+        );
+        let stored = dir.path().join("install/blobs/sha256").join(blob.hex());
+        let original = example().join("blobs/sha256").join(blob.hex());
+        assert_eq!(
+            std::fs::read(stored).unwrap(),
+            std::fs::read(original).unwrap()
+        );
+    }
     (at_kill, snap.allocations)
 }
 
@@ -201,15 +230,18 @@ async fn run_unit(kill_mid_update: bool) -> (Option<Allocations>, Allocations) {
 async fn the_daemon_converges_and_a_kill_mid_update_ends_in_the_same_state() {
     let (_, undisturbed) = run_unit(false).await;
     let (at_kill, killed) = run_unit(true).await;
-    // Placement and UIDs are a function of the desired state and the nodes: the same as a run
-    // that was not disturbed.
-    assert_eq!(
-        killed.instances, undisturbed.instances,
-        "placements and UIDs"
-    );
+    // Where each instance runs is a function of the desired state and the nodes: the same as a
+    // run that was not disturbed. (UIDs follow the order in which items finish downloading.)
+    let placed = |a: &Allocations| {
+        a.instances
+            .iter()
+            .map(|(k, p)| (k.clone(), (p.node_id.clone(), p.runtime_id.clone())))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(placed(&killed), placed(&undisturbed), "placements");
     assert_eq!(killed.networks.len(), undisturbed.networks.len());
     assert!(!killed.instances.is_empty());
-    // Subnets, VLANs and IPs are handed out in the order the nodes ask for them, which differs
+    // UIDs, subnets, VLANs and IPs are handed out in the order things happen, which differs
     // from run to run; what the daemon had handed out before it was killed is kept after the
     // restart.
     let at_kill = at_kill.expect("store read after the kill");
