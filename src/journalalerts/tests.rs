@@ -481,13 +481,18 @@ async fn a_closed_sink_stops_the_task() {
     let (sink, alerts) = mpsc::channel(4);
     drop(alerts);
     let (_stop, stop_rx) = watch::channel(false);
-    let report = run_journal_alerts(
-        settings(JournalAlertsConfig::default(), Arc::clone(&journal)),
-        Arc::clone(&store),
-        sink,
-        stop_rx,
+    // Virtual time: an hour passes in an instant if the task does not stop by itself.
+    let report = tokio::time::timeout(
+        Duration::from_secs(3600),
+        run_journal_alerts(
+            settings(JournalAlertsConfig::default(), Arc::clone(&journal)),
+            Arc::clone(&store),
+            sink,
+            stop_rx,
+        ),
     )
     .await
+    .expect("the task stops when its sink is closed")
     .unwrap();
     assert_eq!(report.forwarded, 0);
 }
@@ -507,7 +512,11 @@ async fn a_dropped_stop_sender_stops_the_task() {
     ));
     assert!(alerts.recv().await.is_some());
     drop(stop);
-    let report = task.await.unwrap().unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(3600), task)
+        .await
+        .expect("the task stops when its stop sender is gone")
+        .unwrap()
+        .unwrap();
     assert_eq!(report.forwarded, 1);
     assert_eq!(store.journal_cursor().unwrap().as_deref(), Some("c1"));
 }
