@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::api::journal::{JournalAlertsConfig, JournalConfigError};
+
 const DEFAULT_CERT_STORAGE: &str = "/var/aos/crypt/cm/";
 const DEFAULT_DNS_STORAGE_PATH: &str = "/var/aos/dns";
 const DEFAULT_MIGRATION_PATH: &str = "/usr/share/aos/communicationmanager/migration";
@@ -62,7 +64,8 @@ const IDENTITY_KEYS: &[&str] = &[
     "smKeyFile",
 ];
 const MONITORING_KEYS: &[&str] = &["pollPeriod", "averageWindow", "sendPeriod"];
-const ALERTS_KEYS: &[&str] = &["sendPeriod"];
+const ALERTS_KEYS: &[&str] = &["sendPeriod", "journalAlerts"];
+const JOURNAL_ALERTS_KEYS: &[&str] = &["filter", "serviceAlertPriority", "systemAlertPriority"];
 const NODE_INFO_PROVIDER_KEYS: &[&str] = &["smConnectionTimeout"];
 const IMAGE_MANAGER_KEYS: &[&str] = &[
     "installPath",
@@ -99,12 +102,16 @@ impl Default for MonitoringConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertsConfig {
     pub send_period: Duration,
+    /// `alerts.journalAlerts`: journal alerts on the main node; off (`None`) when the section is
+    /// absent or `null`. Its filters are checked when the file is loaded.
+    pub journal_alerts: Option<JournalAlertsConfig>,
 }
 
 impl Default for AlertsConfig {
     fn default() -> Self {
         Self {
             send_period: 10 * SECOND,
+            journal_alerts: None,
         }
     }
 }
@@ -563,6 +570,52 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// `alerts.journalAlerts`: `None` when absent or `null`. Keys go through the same resolution as
+/// every other section (any case, the last of repeated keys wins, unknown keys warned about);
+/// the values are then read by [`JournalAlertsConfig::from_json`] and the filters compiled, so
+/// an invalid regex is a config error naming its entry.
+fn journal_alerts(ctx: &mut Ctx, alerts: &Fields<'_>) -> Option<JournalAlertsConfig> {
+    const KEY: &str = "alerts.journalAlerts";
+    let entries = match alerts.get("journalAlerts")? {
+        Node::Object(entries) => entries,
+        other => {
+            ctx.issue(
+                KEY.to_string(),
+                format!("expected an object, found {}", other.describe()),
+            );
+            return None;
+        }
+    };
+    let section = Fields::resolve(ctx, Some(KEY), entries, JOURNAL_ALERTS_KEYS);
+    let object: serde_json::Map<String, Value> = section
+        .values
+        .iter()
+        .map(|(key, node)| ((*key).to_string(), node.to_value()))
+        .collect();
+    let parsed =
+        JournalAlertsConfig::from_json(&Value::Object(object)).and_then(|(config, warnings)| {
+            config.compile()?;
+            Ok((config, warnings))
+        });
+    match parsed {
+        Ok((config, warnings)) => {
+            ctx.warnings.extend(warnings);
+            Some(config)
+        }
+        Err(JournalConfigError::InvalidFilter { index, source }) => {
+            ctx.issue(
+                format!("{KEY}.filter[{index}]"),
+                format!("invalid regex: {source}"),
+            );
+            None
+        }
+        Err(JournalConfigError::InvalidValue { key, message }) => {
+            ctx.issue(key, message);
+            None
+        }
+    }
+}
+
 fn dotted(section: Option<&str>, key: &str) -> String {
     match section {
         Some(s) => format!("{s}.{key}"),
@@ -632,6 +685,7 @@ fn build(ctx: &mut Ctx, entries: &[(String, Node)]) -> Config {
         },
         alerts: AlertsConfig {
             send_period: alerts.duration_or(ctx, "sendPeriod", d.alerts.send_period),
+            journal_alerts: journal_alerts(ctx, &alerts),
         },
         node_info_provider: NodeInfoProviderConfig {
             sm_connection_timeout: node_info.duration_or(
@@ -711,7 +765,7 @@ fn build(ctx: &mut Ctx, entries: &[(String, Node)]) -> Config {
 /// A JSON value whose objects keep every entry in document order, duplicates included.
 enum Node {
     Object(Vec<(String, Node)>),
-    Array,
+    Array(Vec<Node>),
     Scalar(Value),
 }
 
@@ -719,8 +773,22 @@ impl Node {
     fn describe(&self) -> String {
         match self {
             Node::Object(_) => "an object".to_string(),
-            Node::Array => "an array".to_string(),
+            Node::Array(_) => "an array".to_string(),
             Node::Scalar(v) => describe_value(v),
+        }
+    }
+
+    /// The plain JSON value; of repeated object keys the last one wins.
+    fn to_value(&self) -> Value {
+        match self {
+            Node::Object(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(key, node)| (key.clone(), node.to_value()))
+                    .collect(),
+            ),
+            Node::Array(items) => Value::Array(items.iter().map(Node::to_value).collect()),
+            Node::Scalar(v) => v.clone(),
         }
     }
 }
@@ -822,19 +890,20 @@ impl<'t> Scanner<'t> {
 
     fn array(&mut self) -> ScanResult<Node> {
         self.consume(b'[')?;
+        let mut items = Vec::new();
         self.skip_ws();
         if self.peek() == Some(b']') {
             self.pos += 1;
-            return Ok(Node::Array);
+            return Ok(Node::Array(items));
         }
         loop {
-            self.value()?;
+            items.push(self.value()?);
             self.skip_ws();
             match self.peek() {
                 Some(b',') => self.pos += 1,
                 Some(b']') => {
                     self.pos += 1;
-                    return Ok(Node::Array);
+                    return Ok(Node::Array(items));
                 }
                 _ => return Err(self.fail("expected `,` or `]`")),
             }
@@ -1741,6 +1810,7 @@ mod tests {
             },
             alerts: AlertsConfig {
                 send_period: Duration::from_secs(10),
+                journal_alerts: None,
             },
             node_info_provider: NodeInfoProviderConfig {
                 sm_connection_timeout: Duration::from_secs(60),
@@ -1856,5 +1926,73 @@ mod tests {
         assert_eq!(parse("{}").0.identity, None);
         let err = parse_err(r#"{"identity": {"nodeId": "main"}}"#);
         assert!(err.to_string().contains("identity.systemId"), "{err}");
+    }
+
+    #[test]
+    fn journal_alerts_are_off_when_absent() {
+        let (config, _) = parse(r#"{"alerts": {"sendPeriod": "5s"}}"#);
+        assert_eq!(config.alerts.journal_alerts, None);
+        let (config, warnings) = parse(r#"{"alerts": {"journalAlerts": null}}"#);
+        assert_eq!(config.alerts.journal_alerts, None);
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn journal_alerts_are_parsed() {
+        let (config, warnings) = parse(
+            r#"{"alerts": {"JournalAlerts": {
+                "filter": ["^bluetooth:", "test"],
+                "SERVICEALERTPRIORITY": 5,
+                "systemAlertPriority": 2,
+                "systemAlertPriority": 1,
+                "colour": "red"
+            }}}"#,
+        );
+        assert_eq!(
+            config.alerts.journal_alerts,
+            Some(JournalAlertsConfig {
+                filter: vec!["^bluetooth:".into(), "test".into()],
+                service_alert_priority: 5,
+                system_alert_priority: 1,
+            })
+        );
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("alerts.journalAlerts.systemAlertPriority"));
+        assert!(warnings[1].contains("alerts.journalAlerts.colour"));
+
+        // An empty section turns the feature on with the defaults.
+        let (config, _) = parse(r#"{"alerts": {"journalAlerts": {}}}"#);
+        assert_eq!(
+            config.alerts.journal_alerts,
+            Some(JournalAlertsConfig::default())
+        );
+        // Out of range priorities fall back to the defaults with a warning.
+        let (config, warnings) =
+            parse(r#"{"alerts": {"journalAlerts": {"systemAlertPriority": 9}}}"#);
+        assert_eq!(
+            config.alerts.journal_alerts.unwrap().system_alert_priority,
+            3
+        );
+        assert!(warnings[0].contains("alerts.journalAlerts.systemAlertPriority"));
+    }
+
+    #[test]
+    fn journal_alerts_invalid_values_are_config_errors() {
+        let err =
+            parse_err(r#"{"alerts": {"journalAlerts": {"filter": ["ok", "(unclosed", "fine"]}}}"#);
+        assert_eq!(invalid_keys(&err), ["alerts.journalAlerts.filter[1]"]);
+        assert!(err.to_string().contains("invalid regex"), "{err}");
+
+        let err = parse_err(r#"{"alerts": {"journalAlerts": {"filter": ["ok", 3]}}}"#);
+        assert_eq!(invalid_keys(&err), ["alerts.journalAlerts.filter[1]"]);
+        let err = parse_err(r#"{"alerts": {"journalAlerts": {"filter": "x"}}}"#);
+        assert_eq!(invalid_keys(&err), ["alerts.journalAlerts.filter"]);
+        let err = parse_err(r#"{"alerts": {"journalAlerts": {"serviceAlertPriority": "4"}}}"#);
+        assert_eq!(
+            invalid_keys(&err),
+            ["alerts.journalAlerts.serviceAlertPriority"]
+        );
+        let err = parse_err(r#"{"alerts": {"journalAlerts": [1]}}"#);
+        assert_eq!(invalid_keys(&err), ["alerts.journalAlerts"]);
     }
 }

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod engine;
 pub mod executor;
 pub mod imagestore;
+pub mod journalalerts;
 pub mod model;
 pub mod reconcilers;
 pub mod render;

@@ -13,6 +13,11 @@
 //!    `firewall/<ident>`, `condition/<key>` (idents and items encoded as in `keys`).
 //! 2. One table per kind (see `tables`), so that a change notification can name what changed.
 //!    Values are the same serde_json bytes; singletons are under the key `current`.
+//!
+//! A new, empty table is not a new version: `prepare` creates every missing table of
+//! `tables::ALL` on each open, and a binary that does not know a table leaves it alone. So
+//! `journal_cursor` was added within version 2 (an older binary opening a newer file only
+//! ignores the cursor).
 
 use super::StoreError;
 use super::read::def;

@@ -185,6 +185,11 @@ impl Store {
         self.read(|r| r.update_progress())
     }
 
+    /// The journal cursor the journal alerts reader saved last, if any.
+    pub fn journal_cursor(&self) -> Result<Option<String>, StoreError> {
+        self.read(|r| r.journal_cursor())
+    }
+
     /// Runs `f` in one write transaction (one per incoming event). If `f` fails nothing is
     /// written. If it changed something, the transaction is committed durably, and only then are
     /// subscribers told the names of the changed tables; a transaction that changed nothing is
@@ -229,14 +234,20 @@ impl Store {
         if changed.is_empty() {
             txn.abort()?;
         } else {
+            let announced: Vec<&'static str> = changed
+                .into_iter()
+                .filter(|table| !tables::UNANNOUNCED.contains(table))
+                .collect();
             {
                 // Marked and committed under the cache lock: no snapshot is assembled between
                 // this commit and its tables being marked stale.
                 let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-                cache.stale.extend(changed.iter().copied());
+                cache.stale.extend(announced.iter().copied());
                 txn.commit()?;
             }
-            self.notify(changed);
+            if !announced.is_empty() {
+                self.notify(announced);
+            }
         }
         Ok(result)
     }

@@ -363,6 +363,11 @@ impl Reader<'_> {
         self.single(t::UPDATE_PROGRESS)
     }
 
+    /// The journal alerts reader's saved cursor (see [`t::JOURNAL_CURSOR`]).
+    pub fn journal_cursor(&self) -> Result<Option<String>, StoreError> {
+        self.single(t::JOURNAL_CURSOR)
+    }
+
     /// Re-reads the parts of `snap` that come from the named tables.
     pub fn refresh(
         &self,

@@ -43,11 +43,15 @@ pub const SETTINGS: &str = "settings";
 /// Network parameters SMs sent for their instances, by instance ident.
 pub const NETWORK_PARAMS: &str = "network_params";
 
+/// Where the journal alerts reader stands (singleton: the journal cursor of the last entry it
+/// handled). Bookkeeping of one task, not state anyone reacts to: never announced.
+pub const JOURNAL_CURSOR: &str = "journal_cursor";
+
 /// The key of the record in a singleton table.
 pub const CURRENT: &str = "current";
 
 /// Every data table of the current schema (everything but [`META`]), in a fixed order.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     DESIRED,
     NODES,
     REPORTED_INSTANCES,
@@ -66,4 +70,9 @@ pub const ALL: [&str; 18] = [
     UPDATE_PROGRESS,
     SETTINGS,
     NETWORK_PARAMS,
+    JOURNAL_CURSOR,
 ];
+
+/// Tables whose changes are committed like any other but not announced to subscribers: their
+/// records are private to the task that writes them.
+pub const UNANNOUNCED: [&str; 1] = [JOURNAL_CURSOR];

@@ -400,7 +400,14 @@ fn set_snapshot_round_trips_and_rewriting_it_announces_nothing() {
     let mut all_but_meta: Vec<&str> = tables::ALL
         .iter()
         .copied()
-        .filter(|t| ![tables::CONDITIONS, tables::UPDATE_PROGRESS].contains(t))
+        .filter(|t| {
+            ![
+                tables::CONDITIONS,
+                tables::UPDATE_PROGRESS,
+                tables::JOURNAL_CURSOR,
+            ]
+            .contains(t)
+        })
         .collect();
     all_but_meta.sort();
     assert_eq!(drain(&mut rx), vec![all_but_meta]);
@@ -778,6 +785,60 @@ fn state_survives_closing_and_reopening() {
     assert_eq!(store.snapshot().unwrap(), want);
     assert_eq!(store.conditions().unwrap().len(), 1);
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+}
+
+#[test]
+fn journal_cursor_is_saved_unannounced_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cm.redb");
+    {
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.journal_cursor().unwrap(), None);
+        let mut rx = store.subscribe();
+        store.write(|tx| tx.set_journal_cursor("s=1;i=2")).unwrap();
+        store.write(|tx| tx.set_journal_cursor("s=1;i=3")).unwrap();
+        assert_eq!(store.journal_cursor().unwrap().as_deref(), Some("s=1;i=3"));
+        // Committed, but nobody is woken for it.
+        assert_eq!(drain(&mut rx), Vec::<Vec<&str>>::new());
+        // Written together with announced tables, only those are announced.
+        store
+            .write(|tx| {
+                tx.set_journal_cursor("s=1;i=4")?;
+                tx.put_condition("k", &Condition::new("a", "B", "c"))
+            })
+            .unwrap();
+        assert_eq!(drain(&mut rx), vec![vec![tables::CONDITIONS]]);
+        // Not part of a snapshot.
+        assert_eq!(store.snapshot().unwrap(), Snapshot::default());
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.journal_cursor().unwrap().as_deref(), Some("s=1;i=4"));
+}
+
+#[test]
+fn a_version_2_store_from_before_the_journal_cursor_table_gains_it_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cm.redb");
+    {
+        // A version-2 file as an older binary wrote it: every table but the new one.
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(VERSION_KEY, SCHEMA_VERSION)
+            .unwrap();
+        for name in tables::ALL {
+            if name != tables::JOURNAL_CURSOR {
+                txn.open_table(def(name)).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(store.journal_cursor().unwrap(), None);
+    store.write(|tx| tx.set_journal_cursor("c")).unwrap();
+    assert_eq!(store.journal_cursor().unwrap().as_deref(), Some("c"));
 }
 
 #[test]

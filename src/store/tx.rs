@@ -291,6 +291,12 @@ impl<'a> Tx<'a> {
         self.put(t::UPDATE_PROGRESS, t::CURRENT, progress)
     }
 
+    /// Saves the journal alerts reader's cursor. The commit is not announced (the table is in
+    /// [`t::UNANNOUNCED`]): no reconciler or status reads it.
+    pub fn set_journal_cursor(&mut self, cursor: &str) -> Result<(), StoreError> {
+        self.put(t::JOURNAL_CURSOR, t::CURRENT, cursor)
+    }
+
     // --- whole snapshots and actions ---------------------------------------------------------
 
     /// Makes the stored snapshot tables equal to `target`, writing only the entries that differ
