@@ -70,6 +70,10 @@ pub struct AgentCounters {
     /// Sends the link refused (queue full, or not important while down).
     pub refused: u64,
     pub store_errors: u64,
+    /// Local alerts dropped as duplicates of a queued one.
+    pub alerts_duplicate: u64,
+    /// Local alerts dropped because the cache was full.
+    pub alerts_overflow: u64,
 }
 
 /// An IAM that is not there: every call fails with one message. Used until the IAM client is
@@ -118,6 +122,20 @@ pub struct CloudAgent<I: Iam> {
     counters: watch::Sender<AgentCounters>,
     /// A new desired state was committed and its update run has not been reported in full.
     run_pending: Mutex<bool>,
+    /// Alerts raised on this node (journal), waiting for the next alerts period.
+    local_alerts: Mutex<Vec<messages::AlertItem>>,
+}
+
+/// Alerts of this node kept between sends (upstream's cache size).
+pub const LOCAL_ALERT_CACHE: usize = 64;
+
+/// An alert without its timestamp, for duplicate detection.
+fn alert_key(item: &messages::AlertItem) -> Option<serde_json::Value> {
+    let mut v = serde_json::to_value(item).ok()?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("timestamp");
+    }
+    Some(v)
 }
 
 impl<I: Iam + 'static> CloudAgent<I> {
@@ -137,7 +155,54 @@ impl<I: Iam + 'static> CloudAgent<I> {
             counters: watch::Sender::new(AgentCounters::default()),
             // An update interrupted by a restart resumes: its end is reported in full too.
             run_pending: Mutex::new(true),
+            local_alerts: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Queues an alert raised on this node (the journal reader) for the next alerts period.
+    /// Duplicates of a queued alert (same but for the timestamp) and alerts beyond the cache
+    /// are dropped and counted. Returns whether it was kept.
+    pub fn push_alert(&self, item: messages::AlertItem) -> bool {
+        let key = alert_key(&item);
+        let mut cache = self
+            .local_alerts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if key.is_some() && cache.iter().any(|a| alert_key(a) == key) {
+            drop(cache);
+            self.count(|c| c.alerts_duplicate += 1);
+            return false;
+        }
+        if cache.len() >= LOCAL_ALERT_CACHE {
+            drop(cache);
+            self.count(|c| c.alerts_overflow += 1);
+            return false;
+        }
+        cache.push(item);
+        true
+    }
+
+    fn take_alert_packages(&self) -> Vec<messages::Alerts> {
+        let mut items: Vec<messages::AlertItem> = self
+            .sm
+            .intake()
+            .drain_alerts()
+            .iter()
+            .filter_map(|(node, alert)| telemetry::alert_to_cloud(node, alert))
+            .collect();
+        items.append(
+            &mut self
+                .local_alerts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        items
+            .chunks(telemetry::ALERTS_PER_MESSAGE)
+            .map(|chunk| messages::Alerts {
+                correlation_id: None,
+                items: chunk.to_vec(),
+            })
+            .collect()
     }
 
     pub fn counters(&self) -> AgentCounters {
@@ -270,7 +335,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
             tokio::select! {
                 _ = alerts.tick() => {
                     if !self.link.is_connected() { continue }
-                    for package in telemetry::alert_packages(self.sm.intake().drain_alerts()) {
+                    for package in self.take_alert_packages() {
                         self.send(Message::Alerts(package)).await;
                         self.count(|c| c.alert_packages += 1);
                     }

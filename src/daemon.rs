@@ -288,6 +288,39 @@ impl Daemon {
             "cloud link",
             tokio::spawn(link_runner.run(agent.clone(), stop_rx.clone())),
         ));
+        if let Some(journal) = &config.alerts.journal_alerts {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            let settings = crate::journalalerts::JournalAlertsSettings::new(
+                journal.clone(),
+                id.node_id.clone(),
+            );
+            let journal_store = store.clone();
+            let journal_stop = stop_rx.clone();
+            tasks.push((
+                "journal alerts",
+                tokio::spawn(async move {
+                    if let Err(e) = crate::journalalerts::run_journal_alerts(
+                        settings,
+                        journal_store,
+                        tx,
+                        journal_stop,
+                    )
+                    .await
+                    {
+                        tracing::error!("journal alerts: {e}");
+                    }
+                }),
+            ));
+            let sink = agent.clone();
+            tasks.push((
+                "journal alert sink",
+                tokio::spawn(async move {
+                    while let Some(alert) = rx.recv().await {
+                        sink.push_alert(alert);
+                    }
+                }),
+            ));
+        }
         tasks.push(("cloud agent", tokio::spawn(agent.clone().run(stop_rx))));
 
         Ok(Daemon {

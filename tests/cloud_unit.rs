@@ -507,3 +507,44 @@ async fn certificate_renewal_and_installation_in_the_required_order() {
         ]
     );
 }
+
+#[tokio::test]
+async fn journal_alerts_of_the_main_node_reach_the_cloud() {
+    use aos_cm::api::journal::{CommandSource, JournalAlertsConfig};
+    use aos_cm::journalalerts::{JournalAlertsSettings, run_journal_alerts};
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let link = LinkConfig::new(SYSTEM_ID, &cloud.discovery_url());
+    let (handle, agent) = u.unit.connect_cloud(link, quick_agent());
+    handle.state().wait_for(|s| s.connected).await.unwrap();
+    // A journal with one error entry, in journalctl's JSON export form.
+    let line = r#"{"__CURSOR":"s=1;i=1","__REALTIME_TIMESTAMP":"1709210096000001","PRIORITY":"3","_SYSTEMD_UNIT":"systemd-networkd.service","MESSAGE":"eth0: Could not bring up interface"}"#;
+    let script = format!("printf '%s\\n' '{line}'; exec sleep 3600");
+    let settings = JournalAlertsSettings::new(JournalAlertsConfig::default(), "main")
+        .with_source(CommandSource::new("sh", ["-c", script.as_str()]));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(run_journal_alerts(settings, u.store.clone(), tx, stop_rx));
+    let sink = agent.clone();
+    tokio::spawn(async move {
+        while let Some(alert) = rx.recv().await {
+            sink.push_alert(alert);
+        }
+    });
+    let frame = cloud.wait_from_unit("alerts", 1).await;
+    assert_eq!(
+        frame.json().unwrap()["data"],
+        json!({"messageType": "alerts", "items": [
+            {"tag": "systemAlert", "timestamp": "2024-02-29T12:34:56.000001Z",
+             "node": {"codename": "main"}, "message": "eth0: Could not bring up interface"}]})
+    );
+    // The same alert again while one is queued is dropped as a duplicate.
+    let item = serde_json::from_value(frame.json().unwrap()["data"]["items"][0].clone()).unwrap();
+    assert!(agent.push_alert(item));
+    let again = serde_json::from_value(frame.json().unwrap()["data"]["items"][0].clone()).unwrap();
+    let kept = agent.push_alert(again);
+    // (The period may have sent the first in between; then the second is kept.)
+    assert!(!kept || agent.counters().alerts_duplicate == 0);
+}
