@@ -2,13 +2,19 @@
 //! driving simulated nodes of the bundled example unit (or a synthetic unit of any size) over
 //! loopback gRPC until the unit has converged.
 //!
-//! What is simulated: the nodes' Service Managers. What is not there yet: the cloud link, image
-//! downloads and IAM; the demo takes the desired state and the item blobs from the bundled
-//! example instead, as if the cloud had sent them and they were downloaded.
+//! For the bundled example a simulated AosCloud runs too (HTTP service discovery and a v7
+//! WebSocket on loopback): the unit connects to it, receives the desired state over the
+//! WebSocket, asks for every blob with `requestBlobUrls`, downloads, verifies and stores it, and
+//! reports its status back. What is simulated: the cloud and the nodes' Service Managers. Not
+//! there yet: IAM (the nodes' information comes from the example). A synthetic unit (`--nodes`)
+//! has no blobs; its desired state is put into the store directly.
 
+use crate::agent::AgentConfig;
+use crate::api::cloud::link::LinkConfig;
 use crate::api::sm::SmConfig;
 use crate::model::*;
 use crate::scenario;
+use crate::sim::cloud::{CloudOptions, Frame, SimCloud};
 use crate::sim::sm::{SimOptions, SimSm};
 use crate::sim::synthetic;
 use crate::sim::unit::{self, SimUnit};
@@ -152,6 +158,78 @@ impl Progress {
     }
 }
 
+/// What the simulated cloud received: the last full unit status and the message counts.
+async fn cloud_summary(sim: &SimCloud, deadline: tokio::time::Instant, out: &mut impl Write) {
+    // The full status that ends the update run follows the convergence shortly.
+    let full = tokio::time::timeout_at(
+        deadline,
+        sim.wait_for(|frames| {
+            frames
+                .iter()
+                .rev()
+                .filter(|f| f.from_unit && f.message_type().as_deref() == Some("unitStatus"))
+                .filter_map(Frame::json)
+                .find(|v| {
+                    v["data"]["isDeltaInfo"] == serde_json::json!(false)
+                        && v["data"]["instances"].as_array().is_some_and(|g| {
+                            !g.is_empty()
+                                && g.iter().all(|g| {
+                                    g["instances"]
+                                        .as_array()
+                                        .is_some_and(|i| i.iter().all(|i| i["state"] == "active"))
+                                })
+                        })
+                })
+        }),
+    )
+    .await;
+    let frames = sim.frames();
+    let count = |t: &str| {
+        frames
+            .iter()
+            .filter(|f| f.from_unit && f.message_type().as_deref() == Some(t))
+            .count()
+    };
+    let _ = writeln!(
+        out,
+        "\nthe cloud received {} unitStatus, {} requestBlobUrls, {} acks (every message it sent was ACKed)",
+        count("unitStatus"),
+        count("requestBlobUrls"),
+        count("ack")
+    );
+    let Ok(full) = full else {
+        let _ = writeln!(
+            out,
+            "  (no full unit status with every instance active yet)"
+        );
+        return;
+    };
+    let data = &full["data"];
+    let _ = writeln!(out, "its last full unit status says:");
+    for item in data["items"].as_array().into_iter().flatten() {
+        let id = item["item"]["id"]
+            .as_str()
+            .or(item["item"]["codename"].as_str())
+            .unwrap_or("?");
+        let _ = writeln!(
+            out,
+            "  item {}… {} v{}: {}",
+            id.chars().take(8).collect::<String>(),
+            item["item"]["type"].as_str().unwrap_or(""),
+            item["version"].as_str().unwrap_or(""),
+            item["state"].as_str().unwrap_or("")
+        );
+    }
+    let instances: usize = data["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| g["instances"].as_array().map_or(0, Vec::len))
+        .sum();
+    let nodes = data["nodes"].as_array().map_or(0, Vec::len);
+    let _ = writeln!(out, "  {instances} instance(s) active on {nodes} node(s)");
+}
+
 fn summary(snap: &Snapshot, out: &mut impl Write) {
     let _ = writeln!(out, "\nwhere everything runs:");
     let mut by_node: BTreeMap<&str, Vec<&InstancePlacement>> = BTreeMap::new();
@@ -209,7 +287,35 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
         }
         None => workdir().map_err(setup("creating a working directory"))?,
     };
-    let (snap, sms) = unit_to_run(&opts, &dir)?;
+    let (mut snap, sms) = unit_to_run(&opts, &dir)?;
+    // The bundled example goes through the simulated cloud: desired state over the WebSocket,
+    // blobs downloaded. The store starts with the nodes and the installed unit config only.
+    let via_cloud = opts.nodes.is_none();
+    let mut desired_data = None;
+    if via_cloud {
+        let text = std::fs::read_to_string(dir.join("example/desired.json"))
+            .map_err(setup("reading the example's desired state"))?;
+        let frame: serde_json::Value =
+            serde_json::from_str(&text).map_err(setup("reading the example's desired state"))?;
+        desired_data = Some((
+            frame["header"]["systemId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            frame["data"].clone(),
+        ));
+        snap.desired = None;
+        snap.catalogue = Default::default();
+        snap.observed.blobs.clear();
+    }
+    let desired_view = match &desired_data {
+        Some((_, data)) => {
+            let mut map = data.as_object().cloned().unwrap_or_default();
+            map.remove("messageType");
+            crate::agent::parse_desired(map).ok()
+        }
+        None => snap.desired.clone(),
+    };
     let store_path = dir.join("cm.redb");
     {
         let store = Store::open(&store_path).map_err(setup("opening the store"))?;
@@ -217,14 +323,52 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
             .write(|tx| tx.set_snapshot(&snap))
             .map_err(setup("seeding the store"))?;
     }
-    let unit = SimUnit::start_at(
-        &store_path,
-        opts.sm_listen,
-        SmConfig::default(),
-        unit::quick_runner(),
-    )
-    .await
-    .map_err(setup("starting the CM"))?;
+    let mut cloud = None;
+    let unit = match &desired_data {
+        Some((system_id, _)) => {
+            let mut options = CloudOptions::new(system_id);
+            options.blob_dir = Some(dir.join("example/blobs"));
+            let sim = SimCloud::start(options)
+                .await
+                .map_err(setup("starting the simulated cloud"))?;
+            let mut link = LinkConfig::new(system_id, &sim.discovery_url());
+            link.backoff_min = Duration::from_millis(50);
+            link.backoff_max = Duration::from_secs(1);
+            let agent = AgentConfig {
+                unit_status_send_timeout: Duration::from_millis(200),
+                alerts_send_period: Duration::from_secs(1),
+                monitoring_send_period: Duration::from_secs(5),
+            };
+            let started = SimUnit::start_with_cloud(
+                &store_path,
+                opts.sm_listen,
+                SmConfig::default(),
+                unit::quick_runner(),
+                unit::CloudSetup {
+                    link,
+                    agent,
+                    install_path: dir.join("install"),
+                },
+            )
+            .await
+            .map_err(setup("starting the CM"))?;
+            let _ = writeln!(
+                out,
+                "simulated AosCloud: service discovery at {}",
+                sim.discovery_url()
+            );
+            cloud = Some(sim);
+            started
+        }
+        None => SimUnit::start_at(
+            &store_path,
+            opts.sm_listen,
+            SmConfig::default(),
+            unit::quick_runner(),
+        )
+        .await
+        .map_err(setup("starting the CM"))?,
+    };
     let _ = writeln!(
         out,
         "aos-cm demo: the Communication Manager with {} simulated node(s); SM server on {}",
@@ -234,8 +378,8 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
     let _ = writeln!(
         out,
         "desired state: {} item(s), {} instance request(s); the nodes' SMs connect over gRPC and are told what to run\n",
-        snap.desired.as_ref().map(|d| d.items.len()).unwrap_or(0),
-        snap.desired
+        desired_view.as_ref().map(|d| d.items.len()).unwrap_or(0),
+        desired_view
             .as_ref()
             .map(|d| d.instances.len())
             .unwrap_or(0),
@@ -280,6 +424,25 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
         );
     }
 
+    if let (Some(sim), Some((_, data))) = (&cloud, &desired_data) {
+        if let Some(link) = unit.cloud.as_ref().map(|(l, _)| l.clone()) {
+            let mut state = link.state();
+            let _ = tokio::time::timeout(opts.timeout, state.wait_for(|s| s.connected)).await;
+        }
+        match sim.send_data(data.clone()) {
+            Some(_) => {
+                let _ = writeln!(
+                    out,
+                    "the cloud sent the desired state over the WebSocket; the unit asks for each blob (requestBlobUrls), downloads and verifies it\n"
+                );
+            }
+            None => {
+                return Err(DemoError::Setup(
+                    "the unit did not connect to the simulated cloud".into(),
+                ));
+            }
+        }
+    }
     let mut changes = unit.store.subscribe();
     let deadline = tokio::time::Instant::now() + opts.timeout;
     let result = loop {
@@ -293,6 +456,9 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
                 progress.started.elapsed().as_secs_f64()
             );
             summary(&snap, out);
+            if let Some(sim) = &cloud {
+                cloud_summary(sim, deadline, out).await;
+            }
             break Ok(());
         }
         if tokio::time::timeout_at(deadline, changes.recv())

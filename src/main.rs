@@ -137,6 +137,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (default_level, json_logs) = match &cli.command {
         Command::Run { log_format, .. } => ("info", *log_format == LogFormat::Json),
+        // The demo prints its own progress; the simulated nodes going away at the end is noise.
+        Command::Demo { .. } => ("error", false),
         _ => ("warn", false),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -26,7 +26,20 @@ fn demo_converges_the_bundled_example() {
         .next()
         .unwrap();
     assert_eq!(main.matches("on crun").count(), 3, "{main}");
+    // One network per service owner; which owner asks first (and so gets 172.17/16) varies.
     assert!(stdout.contains("subnet 172.17.0.0/16, vlan 1"), "{stdout}");
+    assert!(stdout.contains("subnet 172.18.0.0/16, vlan 2"), "{stdout}");
+    // The desired state and the blobs came through the simulated cloud, which got the status.
+    assert!(
+        stdout.contains("the cloud sent the desired state"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("items installed 5/5"), "{stdout}");
+    assert!(stdout.contains("component v2.3.0: installed"), "{stdout}");
+    assert!(
+        stdout.contains("6 instance(s) active on 3 node(s)"),
+        "{stdout}"
+    );
 }
 
 #[test]

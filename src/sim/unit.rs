@@ -11,6 +11,7 @@ use crate::api::sm::server::{TlsPem, serve};
 use crate::api::sm::{SmConfig, SmController};
 use crate::engine::{self, Clock, StoreSink};
 use crate::executor::UnitExecutor;
+use crate::imagestore::fetch::Fetcher;
 use crate::model::*;
 use crate::reconcilers::runner::{Runner, RunnerConfig};
 use crate::sim::sm::{SimOptions, SimSm};
@@ -21,7 +22,18 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// A cloud for a simulated unit started by [`SimUnit::start_with_cloud`]: the link, the agent's
+/// timings, and where downloaded blobs go.
+pub struct CloudSetup {
+    pub link: LinkConfig,
+    pub agent: AgentConfig,
+    /// `imageManager.installPath`; partial downloads go under `<install_path>/../download`.
+    pub install_path: std::path::PathBuf,
+}
+
 pub struct SimUnit {
+    /// The cloud link and agent when started with a cloud.
+    pub cloud: Option<(LinkHandle, Arc<CloudAgent<NoIam>>)>,
     pub store: Arc<Store>,
     pub sm: SmController,
     pub network: NetworkService,
@@ -31,6 +43,21 @@ pub struct SimUnit {
     stop: Option<tokio::sync::watch::Sender<bool>>,
     server_stop: Option<tokio::sync::oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The node whose IAM reports the `MainNode` attribute ("" when none does).
+fn main_node_of(store: &Store) -> String {
+    store
+        .snapshot()
+        .ok()
+        .and_then(|s| {
+            s.observed
+                .nodes
+                .iter()
+                .find(|(_, n)| n.info.attrs.contains_key("MainNode"))
+                .map(|(id, _)| id.as_str().to_owned())
+        })
+        .unwrap_or_default()
 }
 
 /// Milliseconds since the epoch from the system clock.
@@ -74,7 +101,19 @@ impl SimUnit {
         tls: Option<TlsPem>,
         runner: RunnerConfig,
     ) -> Result<SimUnit, SimUnitError> {
-        Self::start_with(store_path, None, config, tls, runner).await
+        Self::start_with(store_path, None, config, tls, runner, None).await
+    }
+
+    /// Like `start_at`, with the cloud link, the agent and blob downloads running from the
+    /// start (the executor fetches blobs through the link).
+    pub async fn start_with_cloud(
+        store_path: &Path,
+        listen: Option<SocketAddr>,
+        config: SmConfig,
+        runner: RunnerConfig,
+        cloud: CloudSetup,
+    ) -> Result<SimUnit, SimUnitError> {
+        Self::start_with(store_path, listen, config, None, runner, Some(cloud)).await
     }
 
     /// Like `start`, with the SM server on a chosen loopback address.
@@ -84,7 +123,7 @@ impl SimUnit {
         config: SmConfig,
         runner: RunnerConfig,
     ) -> Result<SimUnit, SimUnitError> {
-        Self::start_with(store_path, listen, config, None, runner).await
+        Self::start_with(store_path, listen, config, None, runner, None).await
     }
 
     async fn start_with(
@@ -93,6 +132,7 @@ impl SimUnit {
         config: SmConfig,
         tls: Option<TlsPem>,
         runner: RunnerConfig,
+        cloud: Option<CloudSetup>,
     ) -> Result<SimUnit, SimUnitError> {
         let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
         if !listen.ip().is_loopback() {
@@ -123,7 +163,25 @@ impl SimUnit {
                 tracing::error!(error = %e, "SM server stopped");
             }
         });
-        let exec = Arc::new(UnitExecutor::new(store.clone(), sm.clone(), clock.clone()));
+        let mut exec = UnitExecutor::new(store.clone(), sm.clone(), clock.clone());
+        let mut link_parts = None;
+        if let Some(c) = cloud {
+            let (handle, link_runner) = CloudLink::build(c.link);
+            let download_path = c
+                .install_path
+                .parent()
+                .map(|p| p.join("download"))
+                .unwrap_or_else(|| c.install_path.join("download"));
+            exec = exec.with_fetcher(Fetcher {
+                link: handle.clone(),
+                install_path: c.install_path,
+                download_path,
+                tls: None,
+                roots_pem: Vec::new(),
+            });
+            link_parts = Some((handle, link_runner, c.agent));
+        }
+        let exec = Arc::new(exec);
         let runner = Runner::new(
             engine::reconcilers(store.clone(), clock.clone()),
             exec,
@@ -136,8 +194,27 @@ impl SimUnit {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let changes = store.subscribe();
         let zone = tokio::spawn(keep_in_sync(store.clone(), dns.clone(), stop_rx.clone()));
-        let runner = tokio::spawn(runner.run(changes, stop_rx));
+        let runner = tokio::spawn(runner.run(changes, stop_rx.clone()));
+        let mut tasks = vec![server, zone, runner];
+        let mut cloud = None;
+        if let Some((handle, link_runner, agent_config)) = link_parts {
+            let agent = Arc::new(CloudAgent::new(
+                store.clone(),
+                sm.clone(),
+                handle.clone(),
+                Arc::new(NoIam {
+                    main_node: main_node_of(&store),
+                }),
+                agent_config,
+            ));
+            tasks.push(tokio::spawn(
+                link_runner.run(agent.clone(), stop_rx.clone()),
+            ));
+            tasks.push(tokio::spawn(agent.clone().run(stop_rx)));
+            cloud = Some((handle, agent));
+        }
         Ok(SimUnit {
+            cloud,
             store,
             sm,
             network,
@@ -145,7 +222,7 @@ impl SimUnit {
             addr,
             stop: Some(stop),
             server_stop: Some(server_stop),
-            tasks: vec![server, zone, runner],
+            tasks,
         })
     }
 
@@ -184,17 +261,7 @@ impl SimUnit {
 
     /// The node whose IAM reports the `MainNode` attribute ("" when none does).
     pub fn main_node(&self) -> String {
-        self.store
-            .snapshot()
-            .ok()
-            .and_then(|s| {
-                s.observed
-                    .nodes
-                    .iter()
-                    .find(|(_, n)| n.info.attrs.contains_key("MainNode"))
-                    .map(|(id, _)| id.as_str().to_owned())
-            })
-            .unwrap_or_default()
+        main_node_of(&self.store)
     }
 
     /// [`SimUnit::connect_cloud`] with a given IAM.
