@@ -24,6 +24,7 @@ use crate::api::cloud::messages::{self, Envelope, ErrorInfo, Message, OverrideEn
 use crate::api::cloud::{desired, telemetry, unitstatus};
 use crate::api::json::{self, Problems};
 use crate::api::sm::SmController;
+use crate::storagestate::{InstanceKey, StorageState};
 use crate::store::Store;
 
 /// Timings of the agent (config keys in parentheses).
@@ -70,6 +71,10 @@ pub struct AgentCounters {
     /// Sends the link refused (queue full, or not important while down).
     pub refused: u64,
     pub store_errors: u64,
+    /// `newState` messages sent.
+    pub new_states: u64,
+    /// `updateState` requests written into state files.
+    pub states_updated: u64,
     /// Local alerts dropped as duplicates of a queued one.
     pub alerts_duplicate: u64,
     /// Local alerts dropped because the cache was full.
@@ -124,7 +129,12 @@ pub struct CloudAgent<I: Iam> {
     run_pending: Mutex<bool>,
     /// Alerts raised on this node (journal), waiting for the next alerts period.
     local_alerts: Mutex<Vec<messages::AlertItem>>,
+    /// Instance state sync with the cloud, when the unit keeps states.
+    storage: Option<Arc<StorageState>>,
 }
+
+/// How often instance state files are checked for local changes.
+pub const STATE_POLL_PERIOD: Duration = Duration::from_secs(5);
 
 /// Alerts of this node kept between sends (upstream's cache size).
 pub const LOCAL_ALERT_CACHE: usize = 64;
@@ -156,7 +166,16 @@ impl<I: Iam + 'static> CloudAgent<I> {
             // An update interrupted by a restart resumes: its end is reported in full too.
             run_pending: Mutex::new(true),
             local_alerts: Mutex::new(Vec::new()),
+            storage: None,
         }
+    }
+
+    /// Syncs instance states (`stateDir`) with the cloud: `newState` for local changes,
+    /// `stateRequest` for new instances and rejected states, `updateState`/`stateAcceptance`
+    /// applied.
+    pub fn with_storage_state(mut self, storage: Arc<StorageState>) -> Self {
+        self.storage = Some(storage);
+        self
     }
 
     /// Queues an alert raised on this node (the journal reader) for the next alerts period.
@@ -234,6 +253,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
             tokio::spawn(self.clone().status_loop(stop.clone())),
             tokio::spawn(self.clone().periodic_loop(stop.clone())),
             tokio::spawn(self.clone().log_loop(stop.clone())),
+            tokio::spawn(self.clone().state_loop(stop.clone())),
         ];
         for t in tasks {
             let _ = t.await;
@@ -376,6 +396,77 @@ impl<I: Iam + 'static> CloudAgent<I> {
         }
     }
 
+    /// Instance states: set up the state of every placed instance with a state quota (a new
+    /// one asks the cloud for its state), forget the ones no longer placed, and send local
+    /// changes. Runs every [`STATE_POLL_PERIOD`] and on placement changes.
+    async fn state_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(storage) = self.storage.clone() else {
+            return;
+        };
+        let mut known: std::collections::BTreeSet<InstanceKey> = Default::default();
+        let mut tick = tokio::time::interval(STATE_POLL_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = self.store.subscribe();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                change = changes.recv() => {
+                    let Some(tables) = change else { break };
+                    if !tables.contains(&"placements") { continue }
+                }
+                _ = stop.changed() => break,
+            }
+            if let Ok(snap) = self.store.snapshot() {
+                let mut wanted = std::collections::BTreeMap::new();
+                for p in snap.allocations.instances.values() {
+                    let quota = snap
+                        .catalogue
+                        .images
+                        .values()
+                        .flat_map(|i| i.manifests.iter())
+                        .find(|m| m.digest == p.manifest_digest)
+                        .and_then(|m| m.item_config.as_ref())
+                        .and_then(|c| c.quotas.state_limit)
+                        .unwrap_or(0);
+                    if quota > 0 {
+                        let key = InstanceKey::new(
+                            p.ident.item_id.as_str(),
+                            p.ident.subject_id.as_str(),
+                            p.ident.instance,
+                        );
+                        wanted.insert(key, quota);
+                    }
+                }
+                for (key, quota) in &wanted {
+                    if !known.contains(key) {
+                        match storage.setup(key, *quota).await {
+                            Ok(_) => {
+                                known.insert(key.clone());
+                            }
+                            Err(e) => tracing::warn!("instance state {key}: {e}"),
+                        }
+                    }
+                }
+                let gone: Vec<InstanceKey> = known
+                    .iter()
+                    .filter(|k| !wanted.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    storage.cleanup(&key).await;
+                    known.remove(&key);
+                }
+            }
+            for request in storage.take_state_requests().await {
+                self.send(Message::StateRequest(request)).await;
+            }
+            for new_state in storage.poll_changes().await {
+                self.send(Message::NewState(new_state)).await;
+                self.count(|c| c.new_states += 1);
+            }
+        }
+    }
+
     async fn request_log(&self, req: messages::RequestLog) {
         let connected = self.sm.connected_nodes();
         let plan = telemetry::log_requests(&req, &connected);
@@ -498,6 +589,29 @@ impl<I: Iam + 'static> CloudInbox for CloudAgent<I> {
                 }))
                 .await;
             }
+            Message::UpdateState(update) => match &self.storage {
+                Some(storage) => match storage.update_state(&update).await {
+                    Ok(()) => self.count(|c| c.states_updated += 1),
+                    Err(e) => tracing::warn!("cloud agent: updateState not applied: {e}"),
+                },
+                None => {
+                    self.count(|c| c.unsupported += 1);
+                    tracing::warn!("cloud agent: updateState: this unit keeps no instance states");
+                }
+            },
+            Message::StateAcceptance(acceptance) => match &self.storage {
+                Some(storage) => match storage.accept_state(&acceptance).await {
+                    Ok(Some(request)) => self.send(Message::StateRequest(request)).await,
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cloud agent: stateAcceptance: {e}"),
+                },
+                None => {
+                    self.count(|c| c.unsupported += 1);
+                    tracing::warn!(
+                        "cloud agent: stateAcceptance: this unit keeps no instance states"
+                    );
+                }
+            },
             other => {
                 self.count(|c| c.unsupported += 1);
                 tracing::warn!(

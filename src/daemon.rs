@@ -275,15 +275,21 @@ impl Daemon {
             tokio::spawn(reconcile.run(changes, stop_rx.clone())),
         ));
 
-        let agent = Arc::new(CloudAgent::new(
-            store.clone(),
-            sm.clone(),
-            link.clone(),
-            Arc::new(NoIam {
-                main_node: id.node_id.clone(),
-            }),
-            AgentConfig::from_config(config),
-        ));
+        let storage = crate::storagestate::StorageState::new(config.state_dir.clone())
+            .await
+            .map_err(setup("opening the instance states (stateDir)"))?;
+        let agent = Arc::new(
+            CloudAgent::new(
+                store.clone(),
+                sm.clone(),
+                link.clone(),
+                Arc::new(NoIam {
+                    main_node: id.node_id.clone(),
+                }),
+                AgentConfig::from_config(config),
+            )
+            .with_storage_state(Arc::new(storage)),
+        );
         tasks.push((
             "cloud link",
             tokio::spawn(link_runner.run(agent.clone(), stop_rx.clone())),

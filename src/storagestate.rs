@@ -445,7 +445,9 @@ impl StorageState {
 
         let path = self.state_path(&key);
         let (write_path, content) = (path.clone(), update.state.clone().into_bytes());
-        blocking(move || write_atomic(&write_path, &content))
+        // In place, not by rename: the SM bind-mounts this very file into the instance, which
+        // must see the new content (upstream writes in place too).
+        blocking(move || write_in_place(&write_path, &content))
             .await
             .map_err(|source| io_error(&key, "write state file", &path, source))?;
 
@@ -672,6 +674,16 @@ fn create_file_if_missing(path: &Path) -> io::Result<()> {
 }
 
 /// Writes `<path>.tmp`, syncs it and renames it over `path`, then syncs the directory.
+/// Truncates and rewrites the file itself (its inode stays), then syncs it.
+fn write_in_place(path: &Path, content: &[u8]) -> io::Result<()> {
+    let mut file = owner_only_options()
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.write_all(content)?;
+    file.sync_all()
+}
+
 fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");

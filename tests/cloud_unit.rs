@@ -548,3 +548,95 @@ async fn journal_alerts_of_the_main_node_reach_the_cloud() {
     // (The period may have sent the first in between; then the second is kept.)
     assert!(!kept || agent.counters().alerts_duplicate == 0);
 }
+
+#[tokio::test]
+async fn instance_state_is_requested_updated_and_reported() {
+    use aos_cm::storagestate::{StorageState, sha3_224_hex};
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let states = tempfile::tempdir().unwrap();
+    let storage = Arc::new(
+        StorageState::new(states.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let main = u.unit.main_node();
+    let link = LinkConfig::new(SYSTEM_ID, &cloud.discovery_url());
+    let (handle, agent) = u.unit.connect_cloud_full(
+        link,
+        quick_agent(),
+        Arc::new(aos_cm::agent::NoIam { main_node: main }),
+        Some(storage.clone()),
+    );
+    handle.state().wait_for(|s| s.connected).await.unwrap();
+    let _sims = sims(&u, SimOptions::default()).await;
+    let txn = cloud.send_data(example_desired()).expect("session");
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    // telemetry (item 2d7c4e1a…) has a state quota: each new instance asks for its state.
+    let request = cloud
+        .wait_from_unit("stateRequest", 1)
+        .await
+        .json()
+        .unwrap();
+    let data = &request["data"];
+    assert_eq!(data["default"], json!(false));
+    let item = data["item"]["id"].as_str().unwrap().to_owned();
+    let subject = data["subject"]["id"].as_str().unwrap().to_owned();
+    let instance = data["instance"].as_u64().unwrap();
+    let path = states
+        .path()
+        .join(&item)
+        .join(&subject)
+        .join(instance.to_string())
+        .join("state.dat");
+    // The cloud answers with the state: written into the file the SM mounts.
+    let content = "counter=41\n";
+    let txn = cloud
+        .send_data(json!({"messageType": "updateState", "item": {"id": item}, "subject": {"id": subject},
+            "instance": instance, "stateChecksum": sha3_224_hex(content.as_bytes()), "state": content}))
+        .unwrap();
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    agent.wait_counters(|c| c.states_updated == 1).await;
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
+    // The instance changes its state: the unit sends it, with its checksum.
+    let changed = "counter=42\n";
+    std::fs::write(&path, changed).unwrap();
+    let new_state = cloud
+        .wait_for(|frames| {
+            frames
+                .iter()
+                .filter(|f| f.from_unit && f.message_type().as_deref() == Some("newState"))
+                .filter_map(Frame::json)
+                .find(|v| {
+                    v["data"]["instance"] == json!(instance)
+                        && v["data"]["item"]["id"] == json!(item)
+                })
+        })
+        .await;
+    let sent: Vec<Value> = cloud
+        .from_unit("newState")
+        .iter()
+        .filter_map(Frame::json)
+        .map(|v| v["data"]["state"].clone())
+        .collect();
+    assert_eq!(
+        new_state["data"]["state"],
+        json!(changed),
+        "newState sent: {sent:?}"
+    );
+    assert_eq!(
+        new_state["data"]["stateChecksum"],
+        json!(sha3_224_hex(changed.as_bytes()))
+    );
+    assert!(agent.counters().new_states >= 1);
+    // The cloud rejects it: the unit asks for the state again.
+    let before = cloud.from_unit("stateRequest").len();
+    cloud
+        .send_data(json!({"messageType": "stateAcceptance", "item": {"id": item}, "subject": {"id": subject},
+            "instance": instance, "checksum": sha3_224_hex(changed.as_bytes()), "result": "rejected",
+            "reason": "too old"}))
+        .unwrap();
+    cloud.wait_from_unit("stateRequest", before + 1).await;
+}

@@ -271,14 +271,29 @@ impl SimUnit {
         agent: AgentConfig,
         iam: Arc<I>,
     ) -> (LinkHandle, Arc<CloudAgent<I>>) {
+        self.connect_cloud_full(link, agent, iam, None)
+    }
+
+    /// [`SimUnit::connect_cloud_with`], syncing instance states kept in `storage`.
+    pub fn connect_cloud_full<I: Iam + 'static>(
+        &mut self,
+        link: LinkConfig,
+        agent: AgentConfig,
+        iam: Arc<I>,
+        storage: Option<Arc<crate::storagestate::StorageState>>,
+    ) -> (LinkHandle, Arc<CloudAgent<I>>) {
         let (handle, runner) = CloudLink::build(link);
-        let agent = Arc::new(CloudAgent::new(
+        let mut agent = CloudAgent::new(
             self.store.clone(),
             self.sm.clone(),
             handle.clone(),
             iam,
             agent,
-        ));
+        );
+        if let Some(s) = storage {
+            agent = agent.with_storage_state(s);
+        }
+        let agent = Arc::new(agent);
         let stop = self
             .stop
             .as_ref()
