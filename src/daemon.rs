@@ -23,6 +23,7 @@ use crate::api::cloud::link::{CloudLink, LinkConfig, LinkHandle};
 use crate::api::cloud::transport;
 use crate::api::dns::DnsServer;
 use crate::api::dnszone::{self, keep_in_sync};
+use crate::api::iam::{ClientTls, IamClient, IamConfig, sync_to_store};
 use crate::api::sm::network::NetworkService;
 use crate::api::sm::server::{TlsPem, serve};
 use crate::api::sm::{SmConfig, SmController};
@@ -55,7 +56,8 @@ pub struct Daemon {
     /// Where the SM server listens.
     pub sm_addr: SocketAddr,
     pub link: LinkHandle,
-    pub agent: Arc<CloudAgent<NoIam>>,
+    /// This unit's system ID (from the identity section or from IAM).
+    pub system_id: String,
     pub dns: Option<Arc<DnsServer>>,
     stop: watch::Sender<bool>,
     server_stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -91,14 +93,95 @@ fn read_pem(path: &Path, what: &str) -> Result<String, DaemonError> {
     })
 }
 
-fn identity(config: &Config) -> Result<&IdentityConfig, DaemonError> {
-    config.identity.as_ref().ok_or_else(|| DaemonError::Setup {
-        what: "identity".to_owned(),
-        reason: "the config has no `identity` section and the IAM client is not available in \
-                 this build yet: give the system ID, the main node ID and the nodes file there \
-                 (see aos_cm.cfg.sample)"
-            .to_owned(),
+/// Where the unit's identity comes from: the config's `identity` section, or IAM.
+enum Source {
+    Static,
+    Iam(IamClient),
+}
+
+/// The identity the daemon runs with.
+struct Resolved {
+    id: IdentityConfig,
+    source: Source,
+}
+
+/// With an `identity` section: that. Without: IAM at `iamPublicServerUrl` /
+/// `iamProtectedServerUrl` (mutual TLS with the `certStorage` certificate when `caCert` is
+/// set) gives the system ID, this node's ID and, for a TLS cloud, the `online` certificate.
+async fn resolve_identity(config: &Config) -> Result<Resolved, DaemonError> {
+    if let Some(id) = &config.identity {
+        return Ok(Resolved {
+            id: id.clone(),
+            source: Source::Static,
+        });
+    }
+    if config.iam_public_server_url.trim().is_empty() {
+        return Err(DaemonError::Setup {
+            what: "identity".to_owned(),
+            reason: "the config has neither an `identity` section nor iamPublicServerUrl: \
+                     one of them gives the system ID and the nodes (see aos_cm.cfg.sample)"
+                .to_owned(),
+        });
+    }
+    let ca = if config.ca_cert.as_os_str().is_empty() {
+        None
+    } else {
+        Some(read_pem(&config.ca_cert, "caCert")?)
+    };
+    let protected =
+        Some(config.iam_protected_server_url.trim().to_owned()).filter(|u| !u.is_empty());
+    let iam_config = IamConfig {
+        public_url: config.iam_public_server_url.trim().to_owned(),
+        public_tls: ca.as_ref().map(|ca| ClientTls {
+            ca_cert: ca.clone(),
+            identity: None,
+            domain: None,
+        }),
+        protected_url: protected.clone(),
+        protected_tls: None,
+        ..IamConfig::plain("", None)
+    };
+    let client = match (&ca, &protected) {
+        (Some(ca), Some(_)) => {
+            IamClient::connect_with_cert(&iam_config, ca, &config.cert_storage).await
+        }
+        _ => IamClient::connect(&iam_config).await,
+    }
+    .map_err(setup("connecting to IAM"))?;
+    let system = client
+        .get_system_info()
+        .await
+        .map_err(setup("IAM GetSystemInfo"))?;
+    let mut id = IdentityConfig {
+        system_id: system.system_id,
+        unit_model: system.unit_model,
+        node_id: client.current_node_id(),
+        ..IdentityConfig::default()
+    };
+    let url = discovery::discovery_url(&DiscoveryInputs {
+        override_url: &config.override_service_discovery_url,
+        config_url: &config.service_discovery_url,
+        issuer_alt_uris: &[],
+        organization: None,
     })
+    .map_err(setup("choosing the service discovery URL"))?;
+    if url.starts_with("https://") || url.starts_with("wss://") {
+        let online = client
+            .get_cert("online", &[], "")
+            .await
+            .map_err(setup("IAM GetCert online"))?;
+        id.cert_file = file_path(&online.cert_url);
+        id.key_file = file_path(&online.key_url);
+    }
+    Ok(Resolved {
+        id,
+        source: Source::Iam(client),
+    })
+}
+
+/// A `file://` URL or a plain path as a path.
+fn file_path(url: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url))
 }
 
 /// The cloud link settings from the config and the identity.
@@ -142,7 +225,8 @@ pub fn link_config(config: &Config, id: &IdentityConfig) -> Result<LinkConfig, D
 impl Daemon {
     /// Starts every part; `runner` tunes the reconcile loop (the daemon uses the defaults).
     pub async fn start(config: &Config, runner: RunnerConfig) -> Result<Daemon, DaemonError> {
-        let id = identity(config)?;
+        let ident = resolve_identity(config).await?;
+        let id = &ident.id;
         std::fs::create_dir_all(&config.working_dir).map_err(setup("creating workingDir"))?;
         let store =
             Arc::new(Store::open(&config.store_path()).map_err(setup("opening the store"))?);
@@ -275,25 +359,67 @@ impl Daemon {
             tokio::spawn(reconcile.run(changes, stop_rx.clone())),
         ));
 
-        let storage = crate::storagestate::StorageState::new(config.state_dir.clone())
-            .await
-            .map_err(setup("opening the instance states (stateDir)"))?;
-        let agent = Arc::new(
-            CloudAgent::new(
-                store.clone(),
-                sm.clone(),
-                link.clone(),
-                Arc::new(NoIam {
-                    main_node: id.node_id.clone(),
-                }),
-                AgentConfig::from_config(config),
-            )
-            .with_storage_state(Arc::new(storage)),
+        let storage = Arc::new(
+            crate::storagestate::StorageState::new(config.state_dir.clone())
+                .await
+                .map_err(setup("opening the instance states (stateDir)"))?,
         );
-        tasks.push((
-            "cloud link",
-            tokio::spawn(link_runner.run(agent.clone(), stop_rx.clone())),
-        ));
+        let agent_config = AgentConfig::from_config(config);
+        let sink: Arc<dyn Fn(crate::api::cloud::messages::AlertItem) + Send + Sync> =
+            match &ident.source {
+                Source::Static => {
+                    let agent = Arc::new(
+                        CloudAgent::new(
+                            store.clone(),
+                            sm.clone(),
+                            link.clone(),
+                            Arc::new(NoIam {
+                                main_node: id.node_id.clone(),
+                            }),
+                            agent_config,
+                        )
+                        .with_storage_state(storage),
+                    );
+                    tasks.push((
+                        "cloud link",
+                        tokio::spawn(link_runner.run(agent.clone(), stop_rx.clone())),
+                    ));
+                    tasks.push((
+                        "cloud agent",
+                        tokio::spawn(agent.clone().run(stop_rx.clone())),
+                    ));
+                    Arc::new(move |a| {
+                        agent.push_alert(a);
+                    })
+                }
+                Source::Iam(client) => {
+                    tasks.push((
+                        "IAM sync",
+                        tokio::spawn(sync_to_store(client.clone(), store.clone())),
+                    ));
+                    let agent = Arc::new(
+                        CloudAgent::new(
+                            store.clone(),
+                            sm.clone(),
+                            link.clone(),
+                            Arc::new(client.clone()),
+                            agent_config,
+                        )
+                        .with_storage_state(storage),
+                    );
+                    tasks.push((
+                        "cloud link",
+                        tokio::spawn(link_runner.run(agent.clone(), stop_rx.clone())),
+                    ));
+                    tasks.push((
+                        "cloud agent",
+                        tokio::spawn(agent.clone().run(stop_rx.clone())),
+                    ));
+                    Arc::new(move |a| {
+                        agent.push_alert(a);
+                    })
+                }
+            };
         if let Some(journal) = &config.alerts.journal_alerts {
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             let settings = crate::journalalerts::JournalAlertsSettings::new(
@@ -317,24 +443,22 @@ impl Daemon {
                     }
                 }),
             ));
-            let sink = agent.clone();
             tasks.push((
                 "journal alert sink",
                 tokio::spawn(async move {
                     while let Some(alert) = rx.recv().await {
-                        sink.push_alert(alert);
+                        sink(alert);
                     }
                 }),
             ));
         }
-        tasks.push(("cloud agent", tokio::spawn(agent.clone().run(stop_rx))));
 
         Ok(Daemon {
             store,
             sm,
             sm_addr,
             link,
-            agent,
+            system_id: ident.id.system_id.clone(),
             dns,
             stop,
             server_stop: Some(server_stop),
@@ -357,6 +481,11 @@ impl Daemon {
         let mut tasks = std::mem::take(&mut self.tasks);
         tasks.sort_by_key(|(name, _)| *name == "SM server");
         for (name, task) in tasks {
+            if name == "IAM sync" {
+                // Runs until aborted; each of its writes is one synchronous transaction.
+                task.abort();
+                continue;
+            }
             let abort = task.abort_handle();
             let until = if name == "SM server" {
                 deadline.min(tokio::time::Instant::now() + Duration::from_millis(500))

@@ -293,3 +293,47 @@ async fn a_config_without_identity_is_refused_with_a_reason() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unitStatusSendTimeout"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_identity_section_the_daemon_takes_identity_and_nodes_from_iam() {
+    use aos_cm::sim::iam::{SimIam, SimIamConfig};
+    let iam = SimIam::start(SimIamConfig::example()).await.expect("IAM");
+    let mut options = CloudOptions::new(SYSTEM_ID);
+    options.blob_dir = Some(example().join("blobs"));
+    let cloud = SimCloud::start(options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing in the store: nodes and subjects come from IAM, blobs from the cloud.
+    let config = json!({
+        "workingDir": dir.path(),
+        "serviceDiscoveryUrl": cloud.discovery_url(),
+        "iamPublicServerUrl": iam.url(),
+        "iamProtectedServerUrl": iam.url(),
+        "cmServerUrl": "127.0.0.1:0",
+        "stateDir": dir.path().join("states"),
+        "unitStatusSendTimeout": "100ms",
+    });
+    let (config, _) =
+        aos_cm::config::Config::from_json_str(&config.to_string(), "test.cfg").unwrap();
+    let daemon = aos_cm::daemon::Daemon::start(&config, unit::quick_runner())
+        .await
+        .expect("daemon");
+    assert_eq!(daemon.system_id, SYSTEM_ID);
+    let sc = scenario::load(&example()).unwrap();
+    let mut sims = Vec::new();
+    for (node, n) in &sc.snapshot.observed.nodes {
+        let mut sim = SimSm::new(node.as_str(), n.sm.clone().unwrap(), SimOptions::default());
+        sim.connect(channel(daemon.sm_addr).await).await.unwrap();
+        sims.push(sim);
+    }
+    cloud.wait_from_unit("unitStatus", 1).await;
+    let txn = cloud.send_data(desired()).expect("session");
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    let full = cloud.wait_for(|f| converged_status(f, 1)).await;
+    // The unit subject IAM reports is in the status.
+    assert!(
+        !full["data"]["subjects"].as_array().unwrap().is_empty(),
+        "{full}"
+    );
+    assert!(iam.calls().iter().any(|c| c.contains("GetSystemInfo")));
+    assert!(daemon.shutdown(Duration::from_secs(4)).await);
+}
