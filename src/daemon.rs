@@ -18,8 +18,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::agent::{AgentConfig, CloudAgent, NoIam};
+use crate::api::cloud::certs::Iam;
 use crate::api::cloud::discovery::{self, DiscoveryInputs};
-use crate::api::cloud::link::{CloudLink, LinkConfig, LinkHandle};
+use crate::api::cloud::link::{CloudLink, LinkConfig, LinkHandle, LinkRunner};
 use crate::api::cloud::transport;
 use crate::api::dns::DnsServer;
 use crate::api::dnszone::{self, keep_in_sync};
@@ -177,6 +178,41 @@ async fn resolve_identity(config: &Config) -> Result<Resolved, DaemonError> {
         id,
         source: Source::Iam(client),
     })
+}
+
+/// What the cloud agent is made of, whichever IAM it talks to.
+struct AgentParts {
+    store: Arc<Store>,
+    sm: SmController,
+    link: LinkHandle,
+    config: AgentConfig,
+    storage: Arc<crate::storagestate::StorageState>,
+    stop: watch::Receiver<bool>,
+}
+
+type AlertSink = Arc<dyn Fn(crate::api::cloud::messages::AlertItem) + Send + Sync>;
+
+impl AgentParts {
+    /// Starts the agent and the link runner that feeds it; returns where this node's alerts go.
+    fn spawn<I: Iam + 'static>(
+        self,
+        iam: Arc<I>,
+        link_runner: LinkRunner,
+        tasks: &mut Vec<(&'static str, JoinHandle<()>)>,
+    ) -> AlertSink {
+        let agent = Arc::new(
+            CloudAgent::new(self.store, self.sm, self.link, iam, self.config)
+                .with_storage_state(self.storage),
+        );
+        tasks.push((
+            "cloud link",
+            tokio::spawn(link_runner.run(agent.clone(), self.stop.clone())),
+        ));
+        tasks.push(("cloud agent", tokio::spawn(agent.clone().run(self.stop))));
+        Arc::new(move |a| {
+            agent.push_alert(a);
+        })
+    }
 }
 
 /// A `file://` URL or a plain path as a path.
@@ -365,61 +401,30 @@ impl Daemon {
                 .map_err(setup("opening the instance states (stateDir)"))?,
         );
         let agent_config = AgentConfig::from_config(config);
-        let sink: Arc<dyn Fn(crate::api::cloud::messages::AlertItem) + Send + Sync> =
-            match &ident.source {
-                Source::Static => {
-                    let agent = Arc::new(
-                        CloudAgent::new(
-                            store.clone(),
-                            sm.clone(),
-                            link.clone(),
-                            Arc::new(NoIam {
-                                main_node: id.node_id.clone(),
-                            }),
-                            agent_config,
-                        )
-                        .with_storage_state(storage),
-                    );
-                    tasks.push((
-                        "cloud link",
-                        tokio::spawn(link_runner.run(agent.clone(), stop_rx.clone())),
-                    ));
-                    tasks.push((
-                        "cloud agent",
-                        tokio::spawn(agent.clone().run(stop_rx.clone())),
-                    ));
-                    Arc::new(move |a| {
-                        agent.push_alert(a);
-                    })
-                }
-                Source::Iam(client) => {
-                    tasks.push((
-                        "IAM sync",
-                        tokio::spawn(sync_to_store(client.clone(), store.clone())),
-                    ));
-                    let agent = Arc::new(
-                        CloudAgent::new(
-                            store.clone(),
-                            sm.clone(),
-                            link.clone(),
-                            Arc::new(client.clone()),
-                            agent_config,
-                        )
-                        .with_storage_state(storage),
-                    );
-                    tasks.push((
-                        "cloud link",
-                        tokio::spawn(link_runner.run(agent.clone(), stop_rx.clone())),
-                    ));
-                    tasks.push((
-                        "cloud agent",
-                        tokio::spawn(agent.clone().run(stop_rx.clone())),
-                    ));
-                    Arc::new(move |a| {
-                        agent.push_alert(a);
-                    })
-                }
-            };
+        let parts = AgentParts {
+            store: store.clone(),
+            sm: sm.clone(),
+            link: link.clone(),
+            config: agent_config,
+            storage,
+            stop: stop_rx.clone(),
+        };
+        let sink = match &ident.source {
+            Source::Static => parts.spawn(
+                Arc::new(NoIam {
+                    main_node: id.node_id.clone(),
+                }),
+                link_runner,
+                &mut tasks,
+            ),
+            Source::Iam(client) => {
+                tasks.push((
+                    "IAM sync",
+                    tokio::spawn(sync_to_store(client.clone(), store.clone())),
+                ));
+                parts.spawn(Arc::new(client.clone()), link_runner, &mut tasks)
+            }
+        };
         if let Some(journal) = &config.alerts.journal_alerts {
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             let settings = crate::journalalerts::JournalAlertsSettings::new(
