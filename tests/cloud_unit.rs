@@ -640,3 +640,115 @@ async fn instance_state_is_requested_updated_and_reported() {
         .unwrap();
     cloud.wait_from_unit("stateRequest", before + 1).await;
 }
+
+#[tokio::test]
+async fn log_requests_go_to_the_nodes_and_their_parts_come_back_as_push_log() {
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let _link = connect(&mut u, &cloud).await;
+    let options = SimOptions {
+        log_parts: 3,
+        ..SimOptions::default()
+    };
+    let mut sims = sims(&u, options).await;
+    // secondary-2's SM goes away: its part of the request is answered with an error at once.
+    sims.pop().expect("three nodes").disconnect();
+    u.wait_for("secondary-2 away", 30, |s| {
+        s.observed
+            .nodes
+            .get("secondary-2")
+            .is_some_and(|n| !n.is_connected())
+    })
+    .await;
+    let txn = cloud
+        .send_data(
+            json!({"messageType": "requestLog", "correlationId": "log-7", "logType": "systemLog",
+            "filter": {"nodeIds": [{"codename": "main"}, {"codename": "secondary-2"}]}}),
+        )
+        .unwrap();
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    let logs: Vec<Value> = cloud
+        .wait_for(|frames| {
+            let logs: Vec<Value> = frames
+                .iter()
+                .filter(|f| f.from_unit && f.message_type().as_deref() == Some("pushLog"))
+                .filter_map(|f| f.json().map(|v| v["data"].clone()))
+                .collect();
+            (logs.len() >= 4).then_some(logs)
+        })
+        .await;
+    assert!(
+        logs.iter().all(|l| l["correlationId"] == json!("log-7")),
+        "{logs:?}"
+    );
+    let from_main: Vec<(u64, u64)> = logs
+        .iter()
+        .filter(|l| l["node"]["codename"] == json!("main"))
+        .map(|l| {
+            (
+                l["part"].as_u64().unwrap(),
+                l["partsCount"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(from_main, [(1, 3), (2, 3), (3, 3)]);
+    let away = logs
+        .iter()
+        .find(|l| l["node"]["codename"] == json!("secondary-2"))
+        .expect("an answer for the node that is away");
+    assert_eq!(away["status"], json!("error"));
+    assert!(
+        away["errorInfo"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("secondary-2"),
+        "{away}"
+    );
+}
+
+#[tokio::test]
+async fn node_monitoring_is_sent_on_its_period() {
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let _link = connect(&mut u, &cloud).await;
+    let sims = sims(&u, SimOptions::default()).await;
+    let sample = pb::SmOutgoingMessages {
+        sm_outgoing_message: Some(
+            pb::sm_outgoing_messages::SmOutgoingMessage::InstantMonitoring(pb::InstantMonitoring {
+                node_monitoring: Some(pb::MonitoringData {
+                    timestamp: Some(prost_types::Timestamp {
+                        seconds: 1_790_000_000,
+                        nanos: 0,
+                    }),
+                    ram: 1024,
+                    cpu: 50,
+                    download: 7,
+                    upload: 9,
+                    ..Default::default()
+                }),
+                instances_monitoring: vec![],
+            }),
+        ),
+    };
+    assert!(sims[0].send_raw(sample).await);
+    let frame = cloud
+        .wait_for(|frames| {
+            frames
+                .iter()
+                .filter(|f| f.from_unit && f.message_type().as_deref() == Some("monitoringData"))
+                .filter_map(Frame::json)
+                .find(|v| !v["data"]["nodes"].as_array().is_none_or(Vec::is_empty))
+        })
+        .await;
+    let node = &frame["data"]["nodes"][0];
+    assert_eq!(node["node"], json!({"codename": "main"}));
+    assert_eq!(
+        node["items"][0],
+        json!({"timestamp": "2026-09-21T14:13:20.000000Z", "ram": 1024, "cpu": 50,
+               "download": 7, "upload": 9})
+    );
+}
