@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::api::cloud::certs::{self, Iam, IamError};
 use crate::api::cloud::link::{CloudInbox, LinkHandle};
-use crate::api::cloud::messages::{self, Envelope, ErrorInfo, Message, OverrideEnvVarsStatus};
+use crate::api::cloud::messages::{self, Envelope, Message, OverrideEnvVarsStatus};
 use crate::api::cloud::{desired, telemetry, unitstatus};
 use crate::api::json::{self, Problems};
 use crate::api::sm::SmController;
@@ -467,6 +467,84 @@ impl<I: Iam + 'static> CloudAgent<I> {
         }
     }
 
+    /// Stores the cloud's env var overrides with the desired state (replacing the previous
+    /// set); the instances reconciler restarts the instances whose variables change. Returns
+    /// one status per variable: an error for a variable that cannot be applied.
+    async fn override_env_vars(
+        &self,
+        o: &messages::OverrideEnvVars,
+    ) -> Vec<messages::EnvVarStatus> {
+        let now = crate::sim::unit::wall_clock()();
+        let mut overrides = Vec::new();
+        let mut statuses = Vec::new();
+        for item in &o.items {
+            let ident = messages::InstanceIdent {
+                item: item.filter.item.clone().unwrap_or_default(),
+                subject: item.filter.subject.clone().unwrap_or_default(),
+                instance: item.filter.instance.unwrap_or_default(),
+            };
+            for var in &item.variables {
+                let expires_at = match var.ttl.as_deref().filter(|t| !t.is_empty()) {
+                    None => Ok(None),
+                    Some(t) => crate::scenario::parse_rfc3339_ms(t)
+                        .map(Some)
+                        .ok_or_else(|| format!("ttl {t:?} is not an RFC 3339 time")),
+                };
+                let error = match expires_at {
+                    Ok(expires_at) => {
+                        overrides.push(crate::model::EnvOverride {
+                            item_id: item.filter.item.as_ref().and_then(|i| i.id.clone()),
+                            subject_id: item.filter.subject.as_ref().and_then(|s| s.id.clone()),
+                            instance: item.filter.instance,
+                            name: var.name.clone(),
+                            value: var.value.clone(),
+                            expires_at,
+                        });
+                        if expires_at.is_some_and(|t| t <= now) {
+                            Some("the ttl has already passed".to_owned())
+                        } else {
+                            None
+                        }
+                    }
+                    Err(e) => Some(e),
+                };
+                statuses.push(messages::EnvVarStatus {
+                    ident: ident.clone(),
+                    name: var.name.clone(),
+                    error_info: error.as_deref().map(unitstatus::error_info),
+                });
+            }
+        }
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let current = store.snapshot()?.desired;
+            match current {
+                Some(mut d) => {
+                    d.env_overrides = overrides;
+                    store.write(|tx| tx.set_desired(Some(&d)))?;
+                    Ok(true)
+                }
+                None => Ok::<bool, crate::store::StoreError>(false),
+            }
+        })
+        .await;
+        let failure = match written {
+            Ok(Ok(true)) => None,
+            Ok(Ok(false)) => {
+                Some("no desired state yet: overrides apply to desired instances".to_owned())
+            }
+            Ok(Err(e)) => Some(format!("storing the overrides: {e}")),
+            Err(e) => Some(format!("storing the overrides: {e}")),
+        };
+        if let Some(f) = failure {
+            for s in &mut statuses {
+                s.error_info
+                    .get_or_insert_with(|| unitstatus::error_info(&f));
+            }
+        }
+        statuses
+    }
+
     async fn request_log(&self, req: messages::RequestLog) {
         let connected = self.sm.connected_nodes();
         let plan = telemetry::log_requests(&req, &connected);
@@ -512,11 +590,16 @@ pub fn parse_desired(data: Map<String, Value>) -> Result<crate::model::DesiredSt
 
 impl<I: Iam + 'static> CloudInbox for CloudAgent<I> {
     async fn desired_status(&self, data: Map<String, Value>) -> Result<(), String> {
-        let desired = parse_desired(data)?;
+        let mut desired = parse_desired(data)?;
         let store = self.store.clone();
-        let written =
-            tokio::task::spawn_blocking(move || store.write(|tx| tx.set_desired(Some(&desired))))
-                .await;
+        let written = tokio::task::spawn_blocking(move || {
+            // Env var overrides come in their own message and outlive a new desired status.
+            if let Some(current) = store.snapshot()?.desired {
+                desired.env_overrides = current.env_overrides;
+            }
+            store.write(|tx| tx.set_desired(Some(&desired)))
+        })
+        .await;
         match written {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
@@ -560,29 +643,7 @@ impl<I: Iam + 'static> CloudInbox for CloudAgent<I> {
                 self.send(Message::DeprovisioningResponse(resp)).await;
             }
             Message::OverrideEnvVars(o) => {
-                // Not applied yet: every variable is answered with an error, so the cloud
-                // knows the override did not take effect.
-                let converted = telemetry::override_env_vars_to_sm(&o);
-                let mut statuses = converted.refused;
-                for item in &o.items {
-                    for var in &item.variables {
-                        statuses.push(messages::EnvVarStatus {
-                            ident: messages::InstanceIdent {
-                                item: item.filter.item.clone().unwrap_or_default(),
-                                subject: item.filter.subject.clone().unwrap_or_default(),
-                                instance: item.filter.instance.unwrap_or_default(),
-                            },
-                            name: var.name.clone(),
-                            error_info: Some(ErrorInfo {
-                                aos_code: 1,
-                                exit_code: 0,
-                                message: "env var overrides are not supported by this unit yet"
-                                    .to_owned(),
-                            }),
-                        });
-                    }
-                }
-                self.count(|c| c.unsupported += 1);
+                let statuses = self.override_env_vars(&o).await;
                 self.send(Message::OverrideEnvVarsStatus(OverrideEnvVarsStatus {
                     correlation_id: o.correlation_id.clone(),
                     statuses,

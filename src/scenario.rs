@@ -522,6 +522,7 @@ fn apply_observed(
                 uid,
                 gid,
                 requested: Reservation::default(),
+                env: Vec::new(),
             },
         );
     }

@@ -752,3 +752,87 @@ async fn node_monitoring_is_sent_on_its_period() {
                "download": 7, "upload": 9})
     );
 }
+
+#[tokio::test]
+async fn env_var_overrides_restart_the_matching_instances_in_place() {
+    const TELEMETRY: &str = "2d7c4e1a-93b5-4f0e-8a6d-1c5b9e3f7a21";
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let _link = connect(&mut u, &cloud).await;
+    let sims = sims(&u, SimOptions::default()).await;
+    let txn = cloud.send_data(example_desired()).expect("session");
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    let before = u.wait_for("convergence", 60, converged).await;
+    let starts = |sims: &[SimSm]| -> Vec<u32> {
+        let mut v: Vec<(String, u32)> = sims
+            .iter()
+            .flat_map(|s| {
+                s.state
+                    .lock()
+                    .unwrap()
+                    .starts
+                    .iter()
+                    .map(|(k, n)| (k.to_string(), *n))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, n)| n).collect()
+    };
+    let starts_before = starts(&sims);
+    let txn = cloud
+        .send_data(
+            json!({"messageType": "overrideEnvVars", "correlationId": "env-1", "items": [
+            {"item": {"id": TELEMETRY}, "variables": [
+                {"name": "LOG_LEVEL", "value": "debug"},
+                {"name": "OLD", "value": "x", "ttl": "2001-01-01T00:00:00Z"}]}]}),
+        )
+        .unwrap();
+    let status = answer(&cloud, &txn, "overrideEnvVarsStatus").await;
+    assert_eq!(status["correlationId"], json!("env-1"));
+    let statuses = status["statuses"].as_array().unwrap();
+    assert_eq!(statuses.len(), 2);
+    assert_eq!(statuses[0]["name"], json!("LOG_LEVEL"));
+    assert!(statuses[0].get("errorInfo").is_none(), "{status}");
+    assert!(
+        statuses[1]["errorInfo"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ttl"),
+        "{status}"
+    );
+    // The telemetry instances are restarted with the variable; nothing else moves.
+    let after = u
+        .wait_for("telemetry restarted with its env", 60, |s| {
+            converged(s)
+                && s.allocations
+                    .instances
+                    .values()
+                    .filter(|p| p.ident.item_id.as_str() == TELEMETRY)
+                    .all(|p| p.env == [("LOG_LEVEL".to_owned(), "debug".to_owned())])
+        })
+        .await;
+    for (ident, p) in &after.allocations.instances {
+        let old = &before.allocations.instances[ident];
+        assert_eq!(
+            (&p.node_id, p.uid),
+            (&old.node_id, old.uid),
+            "{ident} moved"
+        );
+    }
+    // Restarted exactly the two telemetry instances.
+    let starts_after = starts(&sims);
+    let restarted: u32 = starts_after
+        .iter()
+        .zip(&starts_before)
+        .map(|(a, b)| a - b)
+        .sum();
+    assert_eq!(restarted, 2, "{starts_before:?} → {starts_after:?}");
+    // A new desired status keeps the overrides.
+    let txn = cloud.send_data(example_desired()).unwrap();
+    cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
+    let snap = u.store.snapshot().unwrap();
+    assert_eq!(snap.desired.unwrap().env_overrides.len(), 2);
+}

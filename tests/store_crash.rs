@@ -77,6 +77,7 @@ fn snapshot_for(n: u64) -> Snapshot {
                 uid: UID_FIRST + (n % 4000) as u32 + i as u32,
                 gid: GID_FIRST + (n % 4000) as u32,
                 requested: Reservation::default(),
+                env: Vec::new(),
             },
         );
         s.allocations.instance_ips.insert(

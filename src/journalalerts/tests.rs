@@ -36,6 +36,7 @@ fn placement(ident: &InstanceIdent, version: &str) -> InstancePlacement {
         uid: 5000,
         gid: 5000,
         requested: Reservation::default(),
+        env: Vec::new(),
     }
 }
 

@@ -46,6 +46,9 @@ pub struct InstancePlacement {
     pub uid: u32,
     pub gid: u32,
     pub requested: Reservation,
+    /// Env vars the instance was started with (the cloud's overrides).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
 }
 
 /// What an instance is charged against its node.

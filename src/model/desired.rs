@@ -14,9 +14,50 @@ pub struct DesiredState {
     pub subjects: Vec<DesiredSubject>,
     pub certificates: Vec<Certificate>,
     pub certificate_chains: Vec<CertificateChain>,
+    /// Env var overrides from the cloud's last `overrideEnvVars` (kept when a new
+    /// `desiredStatus` replaces the rest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_overrides: Vec<EnvOverride>,
+}
+
+/// One environment variable set for the instances a filter matches (absent = any), until
+/// `expires_at` when given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvOverride {
+    pub item_id: Option<String>,
+    pub subject_id: Option<String>,
+    pub instance: Option<u64>,
+    pub name: String,
+    pub value: String,
+    pub expires_at: Option<UnixMillis>,
+}
+
+impl EnvOverride {
+    fn matches(&self, ident: &InstanceIdent) -> bool {
+        self.item_id
+            .as_deref()
+            .is_none_or(|i| i == ident.item_id.as_str())
+            && self
+                .subject_id
+                .as_deref()
+                .is_none_or(|s| s == ident.subject_id.as_str())
+            && self.instance.is_none_or(|n| n == ident.instance)
+    }
 }
 
 impl DesiredState {
+    /// The env vars an instance runs with at `now`: every unexpired override whose filter
+    /// matches, by name (a later override of the same name wins).
+    pub fn env_for(&self, ident: &InstanceIdent, now: UnixMillis) -> Vec<(String, String)> {
+        let mut vars = std::collections::BTreeMap::new();
+        for o in &self.env_overrides {
+            if o.matches(ident) && o.expires_at.is_none_or(|t| now < t) {
+                vars.insert(o.name.clone(), o.value.clone());
+            }
+        }
+        vars.into_iter().collect()
+    }
+
     pub fn item(&self, id: &str) -> Option<&DesiredItem> {
         self.items.iter().find(|i| i.id == id)
     }

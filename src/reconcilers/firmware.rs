@@ -142,6 +142,7 @@ fn plan_one(
         uid: 0,
         gid: 0,
         requested: Reservation::default(),
+        env: Vec::new(),
     };
     let done = reported.is_some_and(|r| {
         r.node_id == placement.node_id

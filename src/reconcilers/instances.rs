@@ -52,7 +52,7 @@ fn item_config(m: &ManifestInfo) -> ItemConfig {
     m.item_config.clone().unwrap_or_default()
 }
 
-pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
+pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
     let mut plan = Plan::new(ReconcilerKind::Instances);
     let Some(desired) = snap.desired.as_ref() else {
         return plan;
@@ -327,6 +327,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                 uid,
                 gid,
                 requested: choice.reservation,
+                env: desired.env_for(&w.ident, now),
             }),
         );
     }
@@ -414,7 +415,25 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
                 reason: format!("network changed to {}", w.item.owner_id),
             });
         }
-        if changed || !running_here || network_moved {
+        // The cloud's env var overrides changed (or expired): restart in place with the new set
+        // (errata 6: no rebalancing).
+        let env = desired.env_for(&w.ident, now);
+        let env_changed = p.env != env;
+        if env_changed
+            && running_here
+            && !network_moved
+            && let Some(r) = reported
+        {
+            plan.actions.push(Action::StopInstance {
+                ident: w.ident.clone(),
+                node_id: r.node_id.clone(),
+                runtime_id: r.runtime_id.clone(),
+                reason: "env vars changed".to_string(),
+            });
+        }
+        if changed || !running_here || network_moved || env_changed {
+            let mut placement = p.as_ref().clone();
+            placement.env = env;
             let manifest = w
                 .image
                 .manifests
@@ -424,7 +443,7 @@ pub fn plan(snap: &Snapshot, _now: UnixMillis) -> Plan {
             let quotas = cfg.quotas;
             plan.actions
                 .push(Action::StartInstance(Box::new(InstanceStart {
-                    placement: p.as_ref().clone(),
+                    placement,
                     item_type: w.item.item_type,
                     owner_id: w.item.owner_id.clone(),
                     priority: w.req.priority,

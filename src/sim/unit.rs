@@ -400,9 +400,12 @@ pub fn converged(snap: &Snapshot) -> bool {
     if !snap.observed.nodes.values().all(|n| n.is_connected()) {
         return false;
     }
-    let plans_empty = ReconcilerKind::ALL
-        .iter()
-        .all(|k| crate::reconcilers::plan_one(*k, snap, 0).actions.is_empty());
+    let now = wall_clock()();
+    let plans_empty = ReconcilerKind::ALL.iter().all(|k| {
+        crate::reconcilers::plan_one(*k, snap, now)
+            .actions
+            .is_empty()
+    });
     plans_empty
         && !snap.allocations.instances.is_empty()
         && snap.allocations.instances.keys().all(|k| {

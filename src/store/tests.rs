@@ -89,6 +89,7 @@ fn placement(id: &InstanceIdent, uid: u32) -> InstancePlacement {
             storage: 0,
             state: 0,
         },
+        env: Vec::new(),
     }
 }
 
@@ -130,6 +131,7 @@ fn desired() -> DesiredState {
         subjects: vec![],
         certificates: vec![],
         certificate_chains: vec![],
+        env_overrides: Vec::new(),
     }
 }
 

@@ -212,7 +212,14 @@ pub fn instance_info(s: &InstanceStart, paths: &InstancePaths<'_>) -> pb::Instan
         } else {
             format!("{}/{rel}/state.dat", paths.state_dir)
         },
-        env_vars: Vec::new(),
+        env_vars: p
+            .env
+            .iter()
+            .map(|(name, value)| pb::EnvVarInfo {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
         monitoring_parameters: s.alert_rules.as_ref().map(|r| pb::MonitoringParameters {
             alert_rules: Some(alert_rules_to_pb(r)),
         }),
