@@ -65,12 +65,12 @@ pub struct Daemon {
     tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
 
-/// `cmServerUrl` as a socket address: `:8093` means every interface.
+/// `cmServerUrl` / `fileServerUrl` as a socket address: `:8093` means every interface.
 pub async fn listen_addr(url: &str) -> Result<SocketAddr, String> {
     let url = url.trim();
     let url = url.strip_prefix("tcp://").unwrap_or(url);
     if url.is_empty() {
-        return Err("cmServerUrl is not set".to_owned());
+        return Err("the address is not set".to_owned());
     }
     let full = if url.starts_with(':') {
         format!("0.0.0.0{url}")
@@ -82,9 +82,9 @@ pub async fn listen_addr(url: &str) -> Result<SocketAddr, String> {
     }
     tokio::net::lookup_host(full.as_str())
         .await
-        .map_err(|e| format!("cmServerUrl {url:?}: {e}"))?
+        .map_err(|e| format!("{url:?}: {e}"))?
         .next()
-        .ok_or_else(|| format!("cmServerUrl {url:?}: no address"))
+        .ok_or_else(|| format!("{url:?}: no address"))
 }
 
 fn read_pem(path: &Path, what: &str) -> Result<String, DaemonError> {
@@ -348,6 +348,22 @@ impl Daemon {
             ));
         }
 
+        if !config.file_server_url.trim().is_empty() {
+            let addr = listen_addr(&config.file_server_url)
+                .await
+                .map_err(setup("the file server address (fileServerUrl)"))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(setup("binding the file server (fileServerUrl)"))?;
+            tasks.push((
+                "file server",
+                tokio::spawn(crate::api::fileserver::serve(
+                    listener,
+                    config.image_manager.install_path.join("blobs"),
+                    stop_rx.clone(),
+                )),
+            ));
+        }
         let (server_stop, server_rx) = tokio::sync::oneshot::channel::<()>();
         let server_sm = sm.clone();
         tasks.push((

@@ -309,6 +309,7 @@ async fn without_an_identity_section_the_daemon_takes_identity_and_nodes_from_ia
         "iamPublicServerUrl": iam.url(),
         "iamProtectedServerUrl": iam.url(),
         "cmServerUrl": "127.0.0.1:0",
+        "fileServerUrl": "127.0.0.1:0",
         "stateDir": dir.path().join("states"),
         "unitStatusSendTimeout": "100ms",
     });

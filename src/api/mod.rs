@@ -4,6 +4,7 @@
 pub mod cloud;
 pub mod dns;
 pub mod dnszone;
+pub mod fileserver;
 pub mod iam;
 pub mod journal;
 pub mod json;
