@@ -222,11 +222,21 @@ fn file_path(url: &str) -> std::path::PathBuf {
 
 /// The cloud link settings from the config and the identity.
 pub fn link_config(config: &Config, id: &IdentityConfig) -> Result<LinkConfig, DaemonError> {
+    // The online certificate may name the cloud (issuer alternative names, or O=).
+    let (uris, organization) = if id.cert_file.as_os_str().is_empty() {
+        (Vec::new(), None)
+    } else {
+        let pem = std::fs::read(&id.cert_file).map_err(|e| DaemonError::Setup {
+            what: format!("reading the online certificate {}", id.cert_file.display()),
+            reason: e.to_string(),
+        })?;
+        discovery::certificate_inputs(&pem).map_err(setup("reading the online certificate"))?
+    };
     let url = discovery::discovery_url(&DiscoveryInputs {
         override_url: &config.override_service_discovery_url,
         config_url: &config.service_discovery_url,
-        issuer_alt_uris: &[],
-        organization: None,
+        issuer_alt_uris: &uris,
+        organization: organization.as_deref(),
     })
     .map_err(setup("choosing the service discovery URL"))?;
     let mut link = LinkConfig::new(&id.system_id, &url);

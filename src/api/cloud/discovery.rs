@@ -94,6 +94,37 @@ fn compose(scheme: &str, authority: &str, target: &str) -> String {
     format!("{scheme}://{authority}{target}")
 }
 
+/// What service discovery takes from the unit's `online` certificate (the first of a PEM
+/// chain): the issuer-alternative-name URIs, in order, and the subject's `O=`.
+pub fn certificate_inputs(chain_pem: &[u8]) -> Result<(Vec<String>, Option<String>), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let der = CertificateDer::pem_slice_iter(chain_pem)
+        .next()
+        .ok_or_else(|| "the online certificate file holds no certificate".to_owned())?
+        .map_err(|e| format!("online certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("online certificate: {e}"))?;
+    let mut uris = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::IssuerAlternativeName(ian) = ext.parsed_extension() {
+            for name in &ian.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uris.push((*uri).to_owned());
+                }
+            }
+        }
+    }
+    let organization = cert
+        .subject()
+        .iter_organization()
+        .next()
+        .and_then(|o| o.as_str().ok())
+        .map(str::to_owned);
+    Ok((uris, organization))
+}
+
 /// Chooses the discovery URL (see the module doc for the rules).
 ///
 /// Errors when the override or config URL is set but malformed, or when no source is usable.
@@ -694,5 +725,37 @@ mod tests {
         assert_eq!(eps.next_request_delay(), Some(Duration::from_secs(3)));
         eps.set(&parse_response(r#"{"connectionInfo":["wss://a"]}"#).unwrap());
         assert_eq!(eps.next_request_delay(), None);
+    }
+
+    #[test]
+    fn online_certificate_gives_issuer_alt_uris_and_organization() {
+        let uri = "https://sd.example.com:9000";
+        // GeneralNames ::= SEQUENCE { [6] IA5String }
+        let mut value = vec![0x30, (uri.len() + 2) as u8, 0x86, uri.len() as u8];
+        value.extend_from_slice(uri.as_bytes());
+        let mut params = rcgen::CertificateParams::new(vec!["unit".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "cloud.example.com");
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &[2, 5, 29, 18],
+                value,
+            ));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let (uris, org) = certificate_inputs(pem.as_bytes()).unwrap();
+        assert_eq!(uris, [uri]);
+        assert_eq!(org.as_deref(), Some("cloud.example.com"));
+        let url = discovery_url(&DiscoveryInputs {
+            config_url: CONFIG,
+            issuer_alt_uris: &uris,
+            organization: org.as_deref(),
+            ..DiscoveryInputs::default()
+        })
+        .unwrap();
+        assert_eq!(url, "https://sd.example.com:9000/sd/v7/");
+        assert!(certificate_inputs(b"not a pem").is_err());
     }
 }
