@@ -150,10 +150,18 @@ async fn terminate(mut d: Daemon) -> std::process::ExitStatus {
         .expect("wait")
 }
 
-/// Runs the unit to convergence; with `kill_mid_update`, SIGKILLs the daemon right after it
-/// ACKed the desired state (the SMs are still starting instances) and starts it again.
-/// Returns the allocations in the store afterwards.
-async fn run_unit(kill_mid_update: bool) -> (Option<Allocations>, Allocations) {
+/// Runs the unit to convergence; with a disturbance, SIGKILLs or SIGTERMs the daemon right after
+/// it ACKed the desired state (blobs are downloading, the SMs starting instances) and starts it
+/// again. Returns the allocations at the interruption and at the end.
+/// How the daemon is interrupted right after it ACKed the desired state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Disturb {
+    Nothing,
+    Kill,
+    Term,
+}
+
+async fn run_unit(disturb: Disturb) -> (Option<Allocations>, Allocations) {
     let dir = tempfile::tempdir().unwrap();
     let mut options = CloudOptions::new(SYSTEM_ID);
     options.blob_dir = Some(example().join("blobs"));
@@ -175,10 +183,16 @@ async fn run_unit(kill_mid_update: bool) -> (Option<Allocations>, Allocations) {
     cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
     let mut session = 1;
     let mut at_kill = None;
-    if kill_mid_update {
-        daemon.child.start_kill().unwrap();
-        let status = daemon.child.wait().await.unwrap();
-        assert!(!status.success());
+    if disturb != Disturb::Nothing {
+        if disturb == Disturb::Kill {
+            daemon.child.start_kill().unwrap();
+            let status = daemon.child.wait().await.unwrap();
+            assert!(!status.success());
+        } else {
+            // SIGTERM in the middle of the update: a clean exit within 5 s.
+            let status = terminate(daemon).await;
+            assert!(status.success(), "exit status after SIGTERM: {status:?}");
+        }
         {
             let store = Store::open(&dir.path().join("cm.redb")).unwrap();
             at_kill = Some(store.snapshot().unwrap().allocations);
@@ -228,8 +242,8 @@ async fn run_unit(kill_mid_update: bool) -> (Option<Allocations>, Allocations) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_converges_and_a_kill_mid_update_ends_in_the_same_state() {
-    let (_, undisturbed) = run_unit(false).await;
-    let (at_kill, killed) = run_unit(true).await;
+    let (_, undisturbed) = run_unit(Disturb::Nothing).await;
+    let (at_kill, killed) = run_unit(Disturb::Kill).await;
     // Where each instance runs is a function of the desired state and the nodes: the same as a
     // run that was not disturbed. (UIDs follow the order in which items finish downloading.)
     let placed = |a: &Allocations| {
@@ -337,4 +351,18 @@ async fn without_an_identity_section_the_daemon_takes_identity_and_nodes_from_ia
     );
     assert!(iam.calls().iter().any(|c| c.contains("GetSystemInfo")));
     assert!(daemon.shutdown(Duration::from_secs(4)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_in_the_middle_of_an_update_exits_cleanly_and_the_next_start_resumes() {
+    let (at_term, resumed) = run_unit(Disturb::Term).await;
+    let at_term = at_term.expect("store read after the stop");
+    for (ident, placement) in &at_term.instances {
+        assert_eq!(
+            resumed.instances.get(ident),
+            Some(placement),
+            "{ident}: moved"
+        );
+    }
+    assert!(!resumed.instances.is_empty());
 }
