@@ -396,12 +396,14 @@ impl Daemon {
             std::fs::read(&config.ca_cert).unwrap_or_default()
         };
         let (link, link_runner) = CloudLink::build(link_config.clone());
+        let (download_alerts_tx, mut download_alerts) = tokio::sync::mpsc::unbounded_channel();
         let fetcher = Fetcher {
             link: link.clone(),
             install_path: config.image_manager.install_path.clone(),
             download_path: config.image_manager.download_path.clone(),
             tls: link_config.tls.clone(),
             roots_pem,
+            alerts: Some(download_alerts_tx),
         };
         let exec = Arc::new(
             UnitExecutor::new(store.clone(), sm.clone(), clock.clone()).with_fetcher(fetcher),
@@ -451,6 +453,15 @@ impl Daemon {
                 parts.spawn(Arc::new(client.clone()), link_runner, &mut tasks)
             }
         };
+        let download_sink = sink.clone();
+        tasks.push((
+            "download alerts",
+            tokio::spawn(async move {
+                while let Some(alert) = download_alerts.recv().await {
+                    download_sink(alert);
+                }
+            }),
+        ));
         if let Some(journal) = &config.alerts.journal_alerts {
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             let settings = crate::journalalerts::JournalAlertsSettings::new(

@@ -209,6 +209,27 @@ async fn run_unit(disturb: Disturb) -> (Option<Allocations>, Allocations) {
         nodes.iter().all(|n| n["isConnected"] == json!(true)),
         "{full}"
     );
+    // Downloads are reported: a finished downloadProgressAlert for a blob of the example.
+    let finished = cloud
+        .wait_for(|frames| {
+            frames
+                .iter()
+                .filter(|f| f.from_unit && f.message_type().as_deref() == Some("alerts"))
+                .filter_map(Frame::json)
+                .flat_map(|v| v["data"]["items"].as_array().cloned().unwrap_or_default())
+                .find(|i| {
+                    i["tag"] == json!("downloadProgressAlert") && i["state"] == json!("finished")
+                })
+        })
+        .await;
+    assert!(
+        finished["digest"].as_str().unwrap().starts_with("sha256:"),
+        "{finished}"
+    );
+    assert_eq!(
+        finished["downloadedBytes"], finished["totalBytes"],
+        "{finished}"
+    );
     // Every blob was asked for by digest.
     let asked: std::collections::BTreeSet<String> = cloud
         .from_unit("requestBlobUrls")

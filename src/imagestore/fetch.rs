@@ -18,7 +18,7 @@ use super::oci::{self, BlobSource};
 use super::sign;
 use super::verify::{self, DecryptInfo};
 use crate::api::cloud::link::LinkHandle;
-use crate::api::cloud::messages::BlobInfo;
+use crate::api::cloud::messages::{AlertItem, BlobInfo, DownloadProgressAlert, DownloadState};
 use crate::model::{Certificate, CertificateChain, Digest, ItemImage};
 
 /// Where blobs go and how they are fetched.
@@ -33,6 +33,32 @@ pub struct Fetcher {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// The `caCert` PEM that signing chains must lead to (empty: signed blobs are refused).
     pub roots_pem: Vec<u8>,
+    /// Where `downloadProgressAlert`s go (started, every 30 s, interrupted, finished).
+    pub alerts: Option<tokio::sync::mpsc::UnboundedSender<AlertItem>>,
+}
+
+fn progress_alert(
+    digest: &Digest,
+    url: &str,
+    downloaded: u64,
+    total: u64,
+    state: DownloadState,
+    error: Option<&str>,
+) -> AlertItem {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    AlertItem::DownloadProgressAlert(DownloadProgressAlert {
+        timestamp: crate::api::cloud::messages::format_time(micros),
+        digest: digest.as_str().to_owned(),
+        url: url.to_owned(),
+        downloaded_bytes: downloaded,
+        total_bytes: total,
+        state,
+        reason: error.map(str::to_owned),
+        error_info: error.map(crate::api::cloud::unitstatus::error_info),
+    })
 }
 
 /// The content-addressed folder as a [`BlobSource`].
@@ -121,9 +147,40 @@ impl Fetcher {
             idle_timeout: Duration::from_secs(60),
             progress_interval: Duration::from_secs(30),
         };
-        download::download(url, &partial, &opts, |_| {})
-            .await
-            .map_err(|e| format!("download: {e}"))?;
+        let total = info.size;
+        let mut last = 0;
+        let alerts = self.alerts.clone();
+        let send = |a: AlertItem| {
+            if let Some(tx) = &alerts {
+                let _ = tx.send(a);
+            }
+        };
+        let result = download::download(url, &partial, &opts, |p| {
+            let (bytes, state) = match p {
+                download::Progress::Started { resumed_from, .. } => {
+                    (resumed_from, DownloadState::Started)
+                }
+                download::Progress::Progress { downloaded, .. } => {
+                    (downloaded, DownloadState::Started)
+                }
+                download::Progress::Finished { size } => (size, DownloadState::Finished),
+            };
+            last = bytes;
+            send(progress_alert(digest, url, bytes, total, state, None));
+        })
+        .await;
+        if let Err(e) = result {
+            let reason = format!("download: {e}");
+            send(progress_alert(
+                digest,
+                url,
+                last,
+                total,
+                DownloadState::Interrupted,
+                Some(&reason),
+            ));
+            return Err(reason);
+        }
         let staged = final_path.with_extension("part");
         let verified = verify::verify_and_store(
             &partial,

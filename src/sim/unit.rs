@@ -167,6 +167,7 @@ impl SimUnit {
         let mut link_parts = None;
         if let Some(c) = cloud {
             let (handle, link_runner) = CloudLink::build(c.link);
+            let (alerts_tx, alerts_rx) = tokio::sync::mpsc::unbounded_channel();
             let download_path = c
                 .install_path
                 .parent()
@@ -178,8 +179,9 @@ impl SimUnit {
                 download_path,
                 tls: None,
                 roots_pem: Vec::new(),
+                alerts: Some(alerts_tx),
             });
-            link_parts = Some((handle, link_runner, c.agent));
+            link_parts = Some((handle, link_runner, c.agent, alerts_rx));
         }
         let exec = Arc::new(exec);
         let runner = Runner::new(
@@ -197,7 +199,7 @@ impl SimUnit {
         let runner = tokio::spawn(runner.run(changes, stop_rx.clone()));
         let mut tasks = vec![server, zone, runner];
         let mut cloud = None;
-        if let Some((handle, link_runner, agent_config)) = link_parts {
+        if let Some((handle, link_runner, agent_config, mut alerts_rx)) = link_parts {
             let agent = Arc::new(CloudAgent::new(
                 store.clone(),
                 sm.clone(),
@@ -211,6 +213,12 @@ impl SimUnit {
                 link_runner.run(agent.clone(), stop_rx.clone()),
             ));
             tasks.push(tokio::spawn(agent.clone().run(stop_rx)));
+            let sink = agent.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(alert) = alerts_rx.recv().await {
+                    sink.push_alert(alert);
+                }
+            }));
             cloud = Some((handle, agent));
         }
         Ok(SimUnit {
