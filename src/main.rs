@@ -44,14 +44,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the Communication Manager against simulated nodes and watch the unit converge.
+    /// Run the CM against a simulated cloud and simulated nodes; watch the unit converge.
     ///
-    /// The real SM server, store, reconcilers, runner and executor run in this process; the
-    /// nodes' Service Managers are simulated and connect over loopback gRPC. The unit is the
-    /// bundled example (3 nodes, 5 items) unless --nodes asks for a synthetic one. Exit status 0
-    /// once converged; 1 with the open conditions if it does not converge in time. Not yet part
-    /// of the demo: the cloud link, downloads and IAM (the desired state and the item blobs come
-    /// from the bundled example).
+    /// The real SM server, store, reconcilers, runner, executor, cloud link and blob pipeline
+    /// run in this process. A simulated AosCloud (service discovery and a v7 WebSocket) sends
+    /// the desired state and serves the blobs; the nodes' Service Managers are simulated and
+    /// connect over loopback gRPC. The unit is the bundled example (3 nodes, 5 items) unless
+    /// --nodes asks for a synthetic one (no cloud: its desired state goes into the store). Exit
+    /// status 0 once converged; 1 with the open conditions if it does not converge in time. Not
+    /// part of the demo: IAM (the nodes' information comes from the example).
     Demo {
         /// Run a synthetic unit of this many nodes instead of the bundled example
         #[arg(long)]
@@ -74,10 +75,12 @@ enum Command {
     },
     /// Run the Communication Manager daemon (the main-node service).
     ///
-    /// Reads aos_cm.cfg, opens the store in workingDir, serves the SMs on cmServerUrl, runs the
-    /// embedded DNS server on dnsIp (when set), and connects to AosCloud through service
-    /// discovery. Until the IAM client is available, the config's `identity` section gives the
-    /// system ID, the main node and the certificates. Tells systemd when ready (NOTIFY_SOCKET).
+    /// Reads aos_cm.cfg, opens the store in workingDir, serves the SMs on cmServerUrl and the
+    /// item blobs on fileServerUrl, runs the embedded DNS server on dnsIp (when set), and
+    /// connects to AosCloud through service discovery. The system ID, this node and the
+    /// certificates come from IAM (iamPublicServerUrl, iamProtectedServerUrl), or from the
+    /// config's `identity` section on a unit without IAM (see aos_cm.static.cfg.sample). Tells
+    /// systemd when ready (NOTIFY_SOCKET).
     /// SIGTERM or Ctrl-C: stops cleanly (exit 0). SIGHUP: re-reads and checks the config and
     /// logs which changes need a restart. Logs go to stderr (RUST_LOG sets the level; default
     /// info).
