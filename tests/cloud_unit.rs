@@ -56,6 +56,16 @@ async fn connect(u: &mut Unit, cloud: &SimCloud) -> LinkHandle {
     handle
 }
 
+/// A unit without a desired state, connected to a fresh simulated cloud.
+async fn started() -> (Unit, SimCloud, LinkHandle) {
+    let mut u = unit_without_desired().await;
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
+        .await
+        .expect("cloud");
+    let link = connect(&mut u, &cloud).await;
+    (u, cloud, link)
+}
+
 async fn sims(u: &Unit, options: SimOptions) -> Vec<SimSm> {
     let mut out = Vec::new();
     for (node, _) in u.nodes.clone() {
@@ -94,11 +104,7 @@ fn all_active_full_status(frames: &[Frame]) -> Option<Value> {
 
 #[tokio::test]
 async fn desired_state_from_the_cloud_converges_and_is_reported_in_full() {
-    let mut u = unit_without_desired().await;
-    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
-        .await
-        .expect("cloud");
-    let _link = connect(&mut u, &cloud).await;
+    let (u, cloud, _link) = started().await;
     // A full status on connect, with the three nodes of the unit.
     let first = cloud.wait_from_unit("unitStatus", 1).await.json().unwrap();
     assert_eq!(first["data"]["isDeltaInfo"], json!(false));
@@ -162,11 +168,7 @@ async fn desired_state_from_the_cloud_converges_and_is_reported_in_full() {
 
 #[tokio::test]
 async fn cloud_drop_in_the_middle_of_an_update_loses_nothing() {
-    let mut u = unit_without_desired().await;
-    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
-        .await
-        .expect("cloud");
-    let link = connect(&mut u, &cloud).await;
+    let (u, cloud, link) = started().await;
     let options = SimOptions {
         delay: Duration::from_millis(200),
         ..SimOptions::default()
@@ -235,11 +237,7 @@ async fn cloud_drop_in_the_middle_of_an_update_loses_nothing() {
 
 #[tokio::test]
 async fn a_burst_of_desired_statuses_is_handled_in_order_and_the_newest_wins() {
-    let mut u = unit_without_desired().await;
-    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
-        .await
-        .expect("cloud");
-    let link = connect(&mut u, &cloud).await;
+    let (u, cloud, link) = started().await;
     let _sims = sims(&u, SimOptions::default()).await;
     const N: usize = 1000;
     let mut txns = Vec::with_capacity(N);
@@ -643,11 +641,7 @@ async fn instance_state_is_requested_updated_and_reported() {
 
 #[tokio::test]
 async fn log_requests_go_to_the_nodes_and_their_parts_come_back_as_push_log() {
-    let mut u = unit_without_desired().await;
-    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
-        .await
-        .expect("cloud");
-    let _link = connect(&mut u, &cloud).await;
+    let (u, cloud, _link) = started().await;
     let options = SimOptions {
         log_parts: 3,
         ..SimOptions::default()
@@ -710,11 +704,7 @@ async fn log_requests_go_to_the_nodes_and_their_parts_come_back_as_push_log() {
 
 #[tokio::test]
 async fn node_monitoring_is_sent_on_its_period() {
-    let mut u = unit_without_desired().await;
-    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
-        .await
-        .expect("cloud");
-    let _link = connect(&mut u, &cloud).await;
+    let (u, cloud, _link) = started().await;
     let sims = sims(&u, SimOptions::default()).await;
     let sample = pb::SmOutgoingMessages {
         sm_outgoing_message: Some(
@@ -756,11 +746,7 @@ async fn node_monitoring_is_sent_on_its_period() {
 #[tokio::test]
 async fn env_var_overrides_restart_the_matching_instances_in_place() {
     const TELEMETRY: &str = "2d7c4e1a-93b5-4f0e-8a6d-1c5b9e3f7a21";
-    let mut u = unit_without_desired().await;
-    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID))
-        .await
-        .expect("cloud");
-    let _link = connect(&mut u, &cloud).await;
+    let (u, cloud, _link) = started().await;
     let sims = sims(&u, SimOptions::default()).await;
     let txn = cloud.send_data(example_desired()).expect("session");
     cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
