@@ -21,11 +21,7 @@ use std::path::{Path, PathBuf};
 use aes::cipher::{Array, BlockModeDecrypt, InvalidLength, KeyIvInit};
 use sha2::{Digest, Sha256};
 use sha3::Sha3_256;
-use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Size of one read from the downloaded file.
-const CHUNK: usize = 64 * 1024;
 /// AES block size in bytes.
 const BLOCK: usize = 16;
 
@@ -239,7 +235,8 @@ fn pkcs7_content_len(block: &[u8]) -> Result<usize, VerifyError> {
 
 /// Verifies `downloaded` and stores its (decrypted) content at `output`.
 ///
-/// Streams `downloaded` once in 64 KiB chunks: the SHA3-256 of the raw bytes is checked
+/// Streams `downloaded` once in 1 MiB chunks on a blocking thread (the SHA3 on a second one):
+/// the SHA3-256 of the raw bytes is checked
 /// against `expected_sha3_hex` (the cloud's `sha256` field); if `decrypt` is given the bytes
 /// are AES-CBC/PKCS#7 decrypted into `output`, otherwise copied; the SHA-256 of what was
 /// written is checked against `expected_sha256_hex` (hex, with or without `sha256:`).
@@ -281,62 +278,105 @@ async fn verify_inner(
 ) -> Result<u64, VerifyError> {
     let expected_sha3 = normalise_hex("SHA3-256", expected_sha3_hex)?;
     let expected_sha256 = normalise_hex("SHA-256", expected_sha256_hex)?;
-    let mut decryptor = decrypt.map(CbcDecryptor::new).transpose()?;
+    let decryptor = decrypt.map(CbcDecryptor::new).transpose()?;
+    let (downloaded, output) = (downloaded.to_path_buf(), output.to_path_buf());
+    // Hashing and decryption are CPU work: on a blocking thread, not on the async runtime.
+    tokio::task::spawn_blocking(move || {
+        verify_blocking(
+            &downloaded,
+            &expected_sha3,
+            decryptor,
+            &expected_sha256,
+            &output,
+        )
+    })
+    .await
+    .map_err(|e| VerifyError::Io(PathBuf::new(), std::io::Error::other(e.to_string())))?
+}
 
+/// Size of one read from the downloaded file (the SHA3 thread holds at most a few).
+const PIPE_CHUNK: usize = 1 << 20;
+
+/// The verification pass: one thread reads and hashes SHA3-256 of the raw bytes while this
+/// one decrypts, hashes SHA-256 and writes, chunk by chunk; at most four chunks are in flight.
+fn verify_blocking(
+    downloaded: &Path,
+    expected_sha3: &str,
+    mut decryptor: Option<CbcDecryptor>,
+    expected_sha256: &str,
+    output: &Path,
+) -> Result<u64, VerifyError> {
+    use std::io::{Read, Write};
     let in_err = |e| VerifyError::Io(downloaded.to_path_buf(), e);
     let out_err = |e| VerifyError::Io(output.to_path_buf(), e);
 
-    let mut input = File::open(downloaded).await.map_err(in_err)?;
-    let mut out = File::create(output).await.map_err(out_err)?;
+    let mut input = std::fs::File::open(downloaded).map_err(in_err)?;
+    let mut out = std::fs::File::create(output).map_err(out_err)?;
 
-    let mut sha3 = Sha3_256::new();
     let mut sha256 = Sha256::new();
     let mut read_total: u64 = 0;
     let mut written: u64 = 0;
-
     // buf[..held] holds bytes read but not yet processed: when decrypting, the last complete
     // block (it may carry the padding) or an incomplete block; always at most BLOCK bytes.
-    let mut buf = vec![0u8; CHUNK + BLOCK];
+    let mut buf = vec![0u8; PIPE_CHUNK + BLOCK];
     let mut held = 0usize;
-    loop {
-        let n = input
-            .read(&mut buf[held..held + CHUNK])
-            .await
-            .map_err(in_err)?;
-        if n == 0 {
-            break;
-        }
-        sha3.update(&buf[held..held + n]);
-        read_total += n as u64;
-        let avail = held + n;
-        let ready = match decryptor.as_mut() {
-            None => avail,
-            Some(dec) => {
-                let whole = avail - avail % BLOCK;
-                // Keep the last block back unless a partial block follows it.
-                let ready = if whole == avail {
-                    whole.saturating_sub(BLOCK)
-                } else {
-                    whole
-                };
-                dec.decrypt(&mut buf[..ready]);
-                ready
-            }
-        };
-        if ready > 0 {
-            sha256.update(&buf[..ready]);
-            out.write_all(&buf[..ready]).await.map_err(out_err)?;
-            written += ready as u64;
-        }
-        buf.copy_within(ready..avail, 0);
-        held = avail - ready;
-    }
 
-    let actual_sha3 = to_hex(&sha3.finalize());
-    if actual_sha3 != expected_sha3 {
+    let (sha3_result, body): (String, Result<(), VerifyError>) = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let hasher = scope.spawn(move || {
+            let mut sha3 = Sha3_256::new();
+            for chunk in rx {
+                sha3.update(&chunk);
+            }
+            to_hex(&sha3.finalize())
+        });
+        let body = (|| {
+            loop {
+                let n = input
+                    .read(&mut buf[held..held + PIPE_CHUNK])
+                    .map_err(in_err)?;
+                if n == 0 {
+                    break;
+                }
+                if tx.send(buf[held..held + n].to_vec()).is_err() {
+                    break;
+                }
+                read_total += n as u64;
+                let avail = held + n;
+                let ready = match decryptor.as_mut() {
+                    None => avail,
+                    Some(dec) => {
+                        let whole = avail - avail % BLOCK;
+                        // Keep the last block back unless a partial block follows it.
+                        let ready = if whole == avail {
+                            whole.saturating_sub(BLOCK)
+                        } else {
+                            whole
+                        };
+                        dec.decrypt(&mut buf[..ready]);
+                        ready
+                    }
+                };
+                if ready > 0 {
+                    sha256.update(&buf[..ready]);
+                    out.write_all(&buf[..ready]).map_err(out_err)?;
+                    written += ready as u64;
+                }
+                buf.copy_within(ready..avail, 0);
+                held = avail - ready;
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let sha3 = hasher.join().unwrap_or_default();
+        (sha3, body)
+    });
+    body?;
+
+    if sha3_result != expected_sha3 {
         return Err(VerifyError::Sha3Mismatch {
-            expected: expected_sha3,
-            actual: actual_sha3,
+            expected: expected_sha3.to_owned(),
+            actual: sha3_result,
         });
     }
 
@@ -348,20 +388,20 @@ async fn verify_inner(
         dec.decrypt(last);
         let content = pkcs7_content_len(last)?;
         sha256.update(&last[..content]);
-        out.write_all(&last[..content]).await.map_err(out_err)?;
+        out.write_all(&last[..content]).map_err(out_err)?;
         written += content as u64;
     }
 
     let actual_sha256 = to_hex(&sha256.finalize());
     if actual_sha256 != expected_sha256 {
         return Err(VerifyError::Sha256Mismatch {
-            expected: expected_sha256,
+            expected: expected_sha256.to_owned(),
             actual: actual_sha256,
         });
     }
 
-    out.flush().await.map_err(out_err)?;
-    out.sync_all().await.map_err(out_err)?;
+    out.flush().map_err(out_err)?;
+    out.sync_all().map_err(out_err)?;
     Ok(written)
 }
 
