@@ -6,12 +6,13 @@
 //! base64). After decryption the **SHA-256** of the plaintext must equal the OCI digest
 //! `sha256:<hex>` the blob was requested by (see cloud-protocol.md §2.8, §3.3 and §9 item 2).
 //!
-//! [`verify_and_store`] reads the download exactly once in 64 KiB chunks, feeding the raw bytes
-//! to SHA3-256, decrypting them with AES-CBC (128/192/256 chosen by key length, PKCS#7 padding)
-//! or copying them unchanged, feeding the result to SHA-256 and writing it to the output file.
-//! CBC decryption is streamed: every complete block except the most recent one is decrypted as
-//! soon as it arrives; the last block is held back until end of file and then unpadded. Memory
-//! use is therefore constant (one 64 KiB buffer plus a block) whatever the blob size.
+//! [`verify_and_store`] reads the download exactly once in 1 MiB chunks on a blocking thread,
+//! feeding the raw bytes to SHA3-256 (on a second thread), decrypting them with AES-CBC
+//! (128/192/256 chosen by key length, PKCS#7 padding) or copying them unchanged, feeding the
+//! result to SHA-256 and writing it to the output file. CBC decryption is streamed: every
+//! complete block except the most recent one is decrypted as soon as it arrives; the last block
+//! is held back until end of file and then unpadded. Memory use is therefore constant (a few
+//! 1 MiB chunks) whatever the blob size.
 //!
 //! Checks happen in this order at end of file: SHA3-256 of the download, then ciphertext length
 //! and padding, then SHA-256 of the content. On any failure the output file is removed.
