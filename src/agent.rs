@@ -474,7 +474,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
         &self,
         o: &messages::OverrideEnvVars,
     ) -> Vec<messages::EnvVarStatus> {
-        let now = crate::sim::unit::wall_clock()();
+        let now = crate::engine::wall_clock()();
         let mut overrides = Vec::new();
         let mut statuses = Vec::new();
         for item in &o.items {

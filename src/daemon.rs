@@ -29,11 +29,11 @@ use crate::api::sm::network::NetworkService;
 use crate::api::sm::server::{TlsPem, serve};
 use crate::api::sm::{SmConfig, SmController};
 use crate::config::{Config, IdentityConfig};
+use crate::engine::wall_clock;
 use crate::engine::{self, StoreSink};
 use crate::executor::UnitExecutor;
 use crate::imagestore::fetch::Fetcher;
 use crate::reconcilers::runner::{Runner, RunnerConfig};
-use crate::sim::unit::wall_clock;
 use crate::store::Store;
 
 /// Why the daemon could not start. Each names what it was doing.

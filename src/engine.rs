@@ -21,6 +21,16 @@ impl RunnerAction for Action {
 /// A source of the current time for planning.
 pub type Clock = Arc<dyn Fn() -> UnixMillis + Send + Sync>;
 
+/// Milliseconds since the epoch from the system clock.
+pub fn wall_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    })
+}
+
 /// The tables a reconciler reads; a committed change to any of them wakes it. The conditions
 /// and update-progress tables are written by the loop itself and wake nobody.
 pub fn watches(kind: ReconcilerKind) -> Vec<&'static str> {

@@ -356,7 +356,7 @@ fn plan_store(path: &std::path::Path, as_json: bool) -> anyhow::Result<ExitCode>
     let snap = store
         .snapshot()
         .with_context(|| format!("{}: reading the store", file.display()))?;
-    let now = aos_cm::sim::unit::wall_clock()();
+    let now = aos_cm::engine::wall_clock()();
     print_plans(&reconcilers::plan_all(&snap, now), as_json)?;
     Ok(ExitCode::SUCCESS)
 }

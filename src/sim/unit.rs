@@ -9,7 +9,7 @@ use crate::api::dnszone::keep_in_sync;
 use crate::api::sm::network::NetworkService;
 use crate::api::sm::server::{TlsPem, serve};
 use crate::api::sm::{SmConfig, SmController};
-use crate::engine::{self, Clock, StoreSink};
+use crate::engine::{self, StoreSink};
 use crate::executor::UnitExecutor;
 use crate::imagestore::fetch::Fetcher;
 use crate::model::*;
@@ -60,15 +60,7 @@ fn main_node_of(store: &Store) -> String {
         .unwrap_or_default()
 }
 
-/// Milliseconds since the epoch from the system clock.
-pub fn wall_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
-    })
-}
+pub use crate::engine::wall_clock;
 
 /// Runner timings for a unit on loopback: quick retries, a short resync.
 pub fn quick_runner() -> RunnerConfig {
