@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::api::cloud::certs::{self, Iam, IamError};
-use crate::api::cloud::link::{CloudInbox, LinkHandle};
+use crate::api::cloud::link::{CloudInbox, LinkHandle, sleep_until};
 use crate::api::cloud::messages::{self, Envelope, Message, OverrideEnvVarsStatus};
 use crate::api::cloud::{desired, telemetry, unitstatus};
 use crate::api::json::{self, Problems};
@@ -127,8 +127,9 @@ pub struct CloudAgent<I: Iam> {
     counters: watch::Sender<AgentCounters>,
     /// A new desired state was committed and its update run has not been reported in full.
     run_pending: Mutex<bool>,
-    /// Alerts raised on this node (journal), waiting for the next alerts period.
-    local_alerts: Mutex<Vec<messages::AlertItem>>,
+    /// Alerts raised on this node (journal, downloads), waiting for the next alerts period,
+    /// each with its duplicate key.
+    local_alerts: Mutex<Vec<(Option<serde_json::Value>, messages::AlertItem)>>,
     /// Instance state sync with the cloud, when the unit keeps states.
     storage: Option<Arc<StorageState>>,
 }
@@ -178,6 +179,29 @@ impl<I: Iam + 'static> CloudAgent<I> {
         self
     }
 
+    /// Starts the agent's senders and the link runner that feeds it; both end with `stop`.
+    pub fn start(
+        self: &Arc<Self>,
+        link_runner: crate::api::cloud::link::LinkRunner,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(link_runner.run(self.clone(), stop.clone())),
+            tokio::spawn(self.clone().run(stop)),
+        ]
+    }
+
+    /// Queues every alert that arrives on `alerts` (journal reader, downloads) until the
+    /// senders are gone.
+    pub async fn forward_alerts(
+        self: Arc<Self>,
+        mut alerts: tokio::sync::mpsc::Receiver<messages::AlertItem>,
+    ) {
+        while let Some(alert) = alerts.recv().await {
+            self.push_alert(alert);
+        }
+    }
+
     /// Queues an alert raised on this node (the journal reader) for the next alerts period.
     /// Duplicates of a queued alert (same but for the timestamp) and alerts beyond the cache
     /// are dropped and counted. Returns whether it was kept.
@@ -187,7 +211,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
             .local_alerts
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if key.is_some() && cache.iter().any(|a| alert_key(a) == key) {
+        if key.is_some() && cache.iter().any(|(k, _)| *k == key) {
             drop(cache);
             self.count(|c| c.alerts_duplicate += 1);
             return false;
@@ -197,7 +221,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
             self.count(|c| c.alerts_overflow += 1);
             return false;
         }
-        cache.push(item);
+        cache.push((key, item));
         true
     }
 
@@ -209,19 +233,14 @@ impl<I: Iam + 'static> CloudAgent<I> {
             .iter()
             .filter_map(|(node, alert)| telemetry::alert_to_cloud(node, alert))
             .collect();
-        items.append(
-            &mut self
+        let local = std::mem::take(
+            &mut *self
                 .local_alerts
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        items
-            .chunks(telemetry::ALERTS_PER_MESSAGE)
-            .map(|chunk| messages::Alerts {
-                correlation_id: None,
-                items: chunk.to_vec(),
-            })
-            .collect()
+        items.extend(local.into_iter().map(|(_, item)| item));
+        telemetry::packages(items)
     }
 
     pub fn counters(&self) -> AgentCounters {
@@ -417,17 +436,20 @@ impl<I: Iam + 'static> CloudAgent<I> {
                 _ = stop.changed() => break,
             }
             if let Ok(snap) = self.store.snapshot() {
+                // State quota by manifest, once per pass.
+                let quotas: std::collections::BTreeMap<&crate::model::Digest, u64> = snap
+                    .catalogue
+                    .images
+                    .values()
+                    .flat_map(|i| i.manifests.iter())
+                    .filter_map(|m| {
+                        let limit = m.item_config.as_ref()?.quotas.state_limit?;
+                        Some((&m.digest, limit))
+                    })
+                    .collect();
                 let mut wanted = std::collections::BTreeMap::new();
                 for p in snap.allocations.instances.values() {
-                    let quota = snap
-                        .catalogue
-                        .images
-                        .values()
-                        .flat_map(|i| i.manifests.iter())
-                        .find(|m| m.digest == p.manifest_digest)
-                        .and_then(|m| m.item_config.as_ref())
-                        .and_then(|c| c.quotas.state_limit)
-                        .unwrap_or(0);
+                    let quota = quotas.get(&p.manifest_digest).copied().unwrap_or(0);
                     if quota > 0 {
                         let key = InstanceKey::new(
                             p.ident.item_id.as_str(),
@@ -566,13 +588,6 @@ impl<I: Iam + 'static> CloudAgent<I> {
             )))
             .await;
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

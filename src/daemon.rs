@@ -62,7 +62,7 @@ pub struct Daemon {
     pub dns: Option<Arc<DnsServer>>,
     stop: watch::Sender<bool>,
     server_stop: Option<tokio::sync::oneshot::Sender<()>>,
-    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    tasks: Vec<Task>,
 }
 
 /// `cmServerUrl` / `fileServerUrl` as a socket address: `:8093` means every interface.
@@ -109,7 +109,7 @@ struct Resolved {
 /// With an `identity` section: that. Without: IAM at `iamPublicServerUrl` /
 /// `iamProtectedServerUrl` (mutual TLS with the `certStorage` certificate when `caCert` is
 /// set) gives the system ID, this node's ID and, for a TLS cloud, the `online` certificate.
-async fn resolve_identity(config: &Config) -> Result<Resolved, DaemonError> {
+async fn resolve_identity(config: &Config, ca: Option<&str>) -> Result<Resolved, DaemonError> {
     if let Some(id) = &config.identity {
         return Ok(Resolved {
             id: id.clone(),
@@ -124,17 +124,12 @@ async fn resolve_identity(config: &Config) -> Result<Resolved, DaemonError> {
                 .to_owned(),
         });
     }
-    let ca = if config.ca_cert.as_os_str().is_empty() {
-        None
-    } else {
-        Some(read_pem(&config.ca_cert, "caCert")?)
-    };
     let protected =
         Some(config.iam_protected_server_url.trim().to_owned()).filter(|u| !u.is_empty());
     let iam_config = IamConfig {
         public_url: config.iam_public_server_url.trim().to_owned(),
-        public_tls: ca.as_ref().map(|ca| ClientTls {
-            ca_cert: ca.clone(),
+        public_tls: ca.map(|ca| ClientTls {
+            ca_cert: ca.to_owned(),
             identity: None,
             domain: None,
         }),
@@ -142,7 +137,7 @@ async fn resolve_identity(config: &Config) -> Result<Resolved, DaemonError> {
         protected_tls: None,
         ..IamConfig::plain("", None)
     };
-    let client = match (&ca, &protected) {
+    let client = match (ca, &protected) {
         (Some(ca), Some(_)) => {
             IamClient::connect_with_cert(&iam_config, ca, &config.cert_storage).await
         }
@@ -180,6 +175,33 @@ async fn resolve_identity(config: &Config) -> Result<Resolved, DaemonError> {
     })
 }
 
+/// Room for alerts of this node (downloads, journal) between their source and the agent,
+/// whose own cache holds 64.
+const LOCAL_ALERT_QUEUE: usize = 256;
+
+/// How a task is stopped at shutdown.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Ends by itself on the stop signal; waited for (store writers finish their transaction).
+    Graceful,
+    /// Ends by itself, but may wait on peers (the SM server's open streams): waited for briefly.
+    Brief,
+    /// Runs until aborted; each of its writes is one synchronous transaction.
+    Abort,
+}
+
+struct Task {
+    name: &'static str,
+    stop: Stop,
+    handle: JoinHandle<()>,
+}
+
+impl Task {
+    fn new(name: &'static str, stop: Stop, handle: JoinHandle<()>) -> Task {
+        Task { name, stop, handle }
+    }
+}
+
 /// What the cloud agent is made of, whichever IAM it talks to.
 struct AgentParts {
     store: Arc<Store>,
@@ -190,28 +212,27 @@ struct AgentParts {
     stop: watch::Receiver<bool>,
 }
 
-type AlertSink = Arc<dyn Fn(crate::api::cloud::messages::AlertItem) + Send + Sync>;
-
 impl AgentParts {
-    /// Starts the agent and the link runner that feeds it; returns where this node's alerts go.
+    /// Starts the agent, the link runner that feeds it and the queue of this node's alerts.
     fn spawn<I: Iam + 'static>(
         self,
         iam: Arc<I>,
         link_runner: LinkRunner,
-        tasks: &mut Vec<(&'static str, JoinHandle<()>)>,
-    ) -> AlertSink {
+        local_alerts: tokio::sync::mpsc::Receiver<crate::api::cloud::messages::AlertItem>,
+        tasks: &mut Vec<Task>,
+    ) {
         let agent = Arc::new(
             CloudAgent::new(self.store, self.sm, self.link, iam, self.config)
                 .with_storage_state(self.storage),
         );
-        tasks.push((
-            "cloud link",
-            tokio::spawn(link_runner.run(agent.clone(), self.stop.clone())),
+        for handle in agent.start(link_runner, self.stop) {
+            tasks.push(Task::new("cloud link and agent", Stop::Graceful, handle));
+        }
+        tasks.push(Task::new(
+            "local alerts",
+            Stop::Graceful,
+            tokio::spawn(agent.forward_alerts(local_alerts)),
         ));
-        tasks.push(("cloud agent", tokio::spawn(agent.clone().run(self.stop))));
-        Arc::new(move |a| {
-            agent.push_alert(a);
-        })
     }
 }
 
@@ -221,7 +242,12 @@ fn file_path(url: &str) -> std::path::PathBuf {
 }
 
 /// The cloud link settings from the config and the identity.
-pub fn link_config(config: &Config, id: &IdentityConfig) -> Result<LinkConfig, DaemonError> {
+/// The cloud link settings from the config, the identity and the `caCert` PEM (if set).
+pub fn link_config(
+    config: &Config,
+    id: &IdentityConfig,
+    ca: Option<&str>,
+) -> Result<LinkConfig, DaemonError> {
     // The online certificate may name the cloud (issuer alternative names, or O=).
     let (uris, organization) = if id.cert_file.as_os_str().is_empty() {
         (Vec::new(), None)
@@ -245,10 +271,10 @@ pub fn link_config(config: &Config, id: &IdentityConfig) -> Result<LinkConfig, D
         link.message_log = Some(config.cloud_message_log.clone());
     }
     let needs_tls = url.starts_with("https://") || url.starts_with("wss://");
-    if needs_tls || !config.ca_cert.as_os_str().is_empty() {
-        let ca = std::fs::read(&config.ca_cert).map_err(|e| DaemonError::Setup {
-            what: format!("reading caCert {}", config.ca_cert.display()),
-            reason: e.to_string(),
+    if needs_tls || ca.is_some() {
+        let ca = ca.ok_or_else(|| DaemonError::Setup {
+            what: "TLS for the cloud".to_owned(),
+            reason: format!("{url} needs caCert, which is not set"),
         })?;
         let client = if id.cert_file.as_os_str().is_empty() {
             None
@@ -259,7 +285,7 @@ pub fn link_config(config: &Config, id: &IdentityConfig) -> Result<LinkConfig, D
             ))
         };
         let tls = transport::client_tls(
-            &ca,
+            ca.as_bytes(),
             client.as_ref().map(|(c, k)| (c.as_bytes(), k.as_bytes())),
         )
         .map_err(setup("setting up TLS for the cloud"))?;
@@ -271,7 +297,13 @@ pub fn link_config(config: &Config, id: &IdentityConfig) -> Result<LinkConfig, D
 impl Daemon {
     /// Starts every part; `runner` tunes the reconcile loop (the daemon uses the defaults).
     pub async fn start(config: &Config, runner: RunnerConfig) -> Result<Daemon, DaemonError> {
-        let ident = resolve_identity(config).await?;
+        // caCert is read once and serves IAM, the SM server, the cloud and signature checks.
+        let ca = if config.ca_cert.as_os_str().is_empty() {
+            None
+        } else {
+            Some(read_pem(&config.ca_cert, "caCert")?)
+        };
+        let ident = resolve_identity(config, ca.as_deref()).await?;
         let id = &ident.id;
         std::fs::create_dir_all(&config.working_dir).map_err(setup("creating workingDir"))?;
         let store =
@@ -329,7 +361,11 @@ impl Daemon {
             Some(TlsPem {
                 cert: read_pem(&id.sm_cert_file, "SM server certificate")?,
                 key: read_pem(&id.sm_key_file, "SM server key")?,
-                client_ca: read_pem(&config.ca_cert, "caCert")?,
+                client_ca: ca.clone().ok_or_else(|| DaemonError::Setup {
+                    what: "the SM server's TLS".to_owned(),
+                    reason: "identity.smCertFile needs caCert for the nodes' certificates"
+                        .to_owned(),
+                })?,
             })
         };
 
@@ -352,8 +388,9 @@ impl Daemon {
             .unwrap_or_default();
         let network = NetworkService::new(store.clone(), dns_servers);
         if let Some(d) = &dns {
-            tasks.push((
+            tasks.push(Task::new(
                 "dns zone",
+                Stop::Graceful,
                 tokio::spawn(keep_in_sync(store.clone(), d.clone(), stop_rx.clone())),
             ));
         }
@@ -365,8 +402,9 @@ impl Daemon {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(setup("binding the file server (fileServerUrl)"))?;
-            tasks.push((
+            tasks.push(Task::new(
                 "file server",
+                Stop::Graceful,
                 tokio::spawn(crate::api::fileserver::serve(
                     listener,
                     config.image_manager.install_path.join("blobs"),
@@ -376,8 +414,9 @@ impl Daemon {
         }
         let (server_stop, server_rx) = tokio::sync::oneshot::channel::<()>();
         let server_sm = sm.clone();
-        tasks.push((
+        tasks.push(Task::new(
             "SM server",
+            Stop::Brief,
             tokio::spawn(async move {
                 if let Err(e) = serve(listener, server_sm, Some(network), tls, async {
                     let _ = server_rx.await;
@@ -389,21 +428,17 @@ impl Daemon {
             }),
         ));
 
-        let link_config = link_config(config, id)?;
-        let roots_pem = if config.ca_cert.as_os_str().is_empty() {
-            Vec::new()
-        } else {
-            std::fs::read(&config.ca_cert).unwrap_or_default()
-        };
+        let link_config = link_config(config, id, ca.as_deref())?;
         let (link, link_runner) = CloudLink::build(link_config.clone());
-        let (download_alerts_tx, mut download_alerts) = tokio::sync::mpsc::unbounded_channel();
+        // Alerts raised on this node (downloads, the journal) go to the agent through one queue.
+        let (local_alerts, local_alerts_rx) = tokio::sync::mpsc::channel(LOCAL_ALERT_QUEUE);
         let fetcher = Fetcher {
             link: link.clone(),
             install_path: config.image_manager.install_path.clone(),
             download_path: config.image_manager.download_path.clone(),
             tls: link_config.tls.clone(),
-            roots_pem,
-            alerts: Some(download_alerts_tx),
+            roots_pem: ca.map(String::into_bytes).unwrap_or_default(),
+            alerts: Some(local_alerts.clone()),
         };
         let exec = Arc::new(
             UnitExecutor::new(store.clone(), sm.clone(), clock.clone()).with_fetcher(fetcher),
@@ -418,8 +453,9 @@ impl Daemon {
             runner,
         );
         let changes = store.subscribe();
-        tasks.push((
+        tasks.push(Task::new(
             "runner",
+            Stop::Graceful,
             tokio::spawn(reconcile.run(changes, stop_rx.clone())),
         ));
 
@@ -437,59 +473,49 @@ impl Daemon {
             storage,
             stop: stop_rx.clone(),
         };
-        let sink = match &ident.source {
+        match &ident.source {
             Source::Static => parts.spawn(
                 Arc::new(NoIam {
                     main_node: id.node_id.clone(),
                 }),
                 link_runner,
+                local_alerts_rx,
                 &mut tasks,
             ),
             Source::Iam(client) => {
-                tasks.push((
+                tasks.push(Task::new(
                     "IAM sync",
+                    Stop::Abort,
                     tokio::spawn(sync_to_store(client.clone(), store.clone())),
                 ));
-                parts.spawn(Arc::new(client.clone()), link_runner, &mut tasks)
+                parts.spawn(
+                    Arc::new(client.clone()),
+                    link_runner,
+                    local_alerts_rx,
+                    &mut tasks,
+                )
             }
-        };
-        let download_sink = sink.clone();
-        tasks.push((
-            "download alerts",
-            tokio::spawn(async move {
-                while let Some(alert) = download_alerts.recv().await {
-                    download_sink(alert);
-                }
-            }),
-        ));
+        }
         if let Some(journal) = &config.alerts.journal_alerts {
-            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             let settings = crate::journalalerts::JournalAlertsSettings::new(
                 journal.clone(),
                 id.node_id.clone(),
             );
             let journal_store = store.clone();
             let journal_stop = stop_rx.clone();
-            tasks.push((
+            tasks.push(Task::new(
                 "journal alerts",
+                Stop::Graceful,
                 tokio::spawn(async move {
                     if let Err(e) = crate::journalalerts::run_journal_alerts(
                         settings,
                         journal_store,
-                        tx,
+                        local_alerts,
                         journal_stop,
                     )
                     .await
                     {
                         tracing::error!("journal alerts: {e}");
-                    }
-                }),
-            ));
-            tasks.push((
-                "journal alert sink",
-                tokio::spawn(async move {
-                    while let Some(alert) = rx.recv().await {
-                        sink(alert);
                     }
                 }),
             ));
@@ -517,31 +543,28 @@ impl Daemon {
         self.sm.close_all();
         let deadline = tokio::time::Instant::now() + grace;
         let mut done = true;
-        // The SM server last, and briefly: its graceful stop would wait for every node's
-        // stream; once the store writers have ended, dropping the connections is what a node
-        // sees when the CM stops anyway.
+        // Brief tasks last: once the store writers have ended, dropping the SM connections is
+        // what a node sees when the CM stops anyway.
         let mut tasks = std::mem::take(&mut self.tasks);
-        tasks.sort_by_key(|(name, _)| *name == "SM server");
-        for (name, task) in tasks {
-            if name == "IAM sync" {
-                // Runs until aborted; each of its writes is one synchronous transaction.
-                task.abort();
-                continue;
-            }
-            let abort = task.abort_handle();
-            let until = if name == "SM server" {
-                deadline.min(tokio::time::Instant::now() + Duration::from_millis(500))
-            } else {
-                deadline
-            };
-            if tokio::time::timeout_at(until, task).await.is_err() {
-                if name == "SM server" {
+        tasks.sort_by_key(|t| t.stop == Stop::Brief);
+        for Task { name, stop, handle } in tasks {
+            let abort = handle.abort_handle();
+            let until = match stop {
+                Stop::Abort => {
                     abort.abort();
                     continue;
                 }
-                tracing::warn!("{name} did not stop in time; aborted");
+                Stop::Brief => {
+                    deadline.min(tokio::time::Instant::now() + Duration::from_millis(500))
+                }
+                Stop::Graceful => deadline,
+            };
+            if tokio::time::timeout_at(until, handle).await.is_err() {
                 abort.abort();
-                done = false;
+                if stop == Stop::Graceful {
+                    tracing::warn!("{name} did not stop in time; aborted");
+                    done = false;
+                }
             }
         }
         if let Some(d) = self.dns.take().and_then(|d| Arc::try_unwrap(d).ok()) {

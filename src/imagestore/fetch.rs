@@ -33,8 +33,9 @@ pub struct Fetcher {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// The `caCert` PEM that signing chains must lead to (empty: signed blobs are refused).
     pub roots_pem: Vec<u8>,
-    /// Where `downloadProgressAlert`s go (started, every 30 s, interrupted, finished).
-    pub alerts: Option<tokio::sync::mpsc::UnboundedSender<AlertItem>>,
+    /// Where `downloadProgressAlert`s go (started, every 30 s, interrupted, finished). A full
+    /// queue drops the alert rather than holding the download up.
+    pub alerts: Option<tokio::sync::mpsc::Sender<AlertItem>>,
 }
 
 fn progress_alert(
@@ -45,12 +46,10 @@ fn progress_alert(
     state: DownloadState,
     error: Option<&str>,
 ) -> AlertItem {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
     AlertItem::DownloadProgressAlert(DownloadProgressAlert {
-        timestamp: crate::api::cloud::messages::format_time(micros),
+        timestamp: crate::api::cloud::messages::format_time(
+            crate::api::cloud::messages::now_micros(),
+        ),
         digest: digest.as_str().to_owned(),
         url: url.to_owned(),
         downloaded_bytes: downloaded,
@@ -152,7 +151,7 @@ impl Fetcher {
         let alerts = self.alerts.clone();
         let send = |a: AlertItem| {
             if let Some(tx) = &alerts {
-                let _ = tx.send(a);
+                let _ = tx.try_send(a);
             }
         };
         let result = download::download(url, &partial, &opts, |p| {

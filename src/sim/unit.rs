@@ -159,7 +159,7 @@ impl SimUnit {
         let mut link_parts = None;
         if let Some(c) = cloud {
             let (handle, link_runner) = CloudLink::build(c.link);
-            let (alerts_tx, alerts_rx) = tokio::sync::mpsc::unbounded_channel();
+            let (alerts_tx, alerts_rx) = tokio::sync::mpsc::channel(256);
             let download_path = c
                 .install_path
                 .parent()
@@ -191,7 +191,7 @@ impl SimUnit {
         let runner = tokio::spawn(runner.run(changes, stop_rx.clone()));
         let mut tasks = vec![server, zone, runner];
         let mut cloud = None;
-        if let Some((handle, link_runner, agent_config, mut alerts_rx)) = link_parts {
+        if let Some((handle, link_runner, agent_config, alerts_rx)) = link_parts {
             let agent = Arc::new(CloudAgent::new(
                 store.clone(),
                 sm.clone(),
@@ -201,16 +201,8 @@ impl SimUnit {
                 }),
                 agent_config,
             ));
-            tasks.push(tokio::spawn(
-                link_runner.run(agent.clone(), stop_rx.clone()),
-            ));
-            tasks.push(tokio::spawn(agent.clone().run(stop_rx)));
-            let sink = agent.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Some(alert) = alerts_rx.recv().await {
-                    sink.push_alert(alert);
-                }
-            }));
+            tasks.extend(agent.start(link_runner, stop_rx));
+            tasks.push(tokio::spawn(agent.clone().forward_alerts(alerts_rx)));
             cloud = Some((handle, agent));
         }
         Ok(SimUnit {
@@ -299,9 +291,7 @@ impl SimUnit {
             .as_ref()
             .map(|s| s.subscribe())
             .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
-        self.tasks
-            .push(tokio::spawn(runner.run(agent.clone(), stop.clone())));
-        self.tasks.push(tokio::spawn(agent.clone().run(stop)));
+        self.tasks.extend(agent.start(runner, stop));
         (handle, agent)
     }
 

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use backon::BackoffBuilder;
 use futures::{SinkExt, StreamExt};
@@ -181,6 +181,16 @@ impl Shared {
     fn count(&self, f: impl FnOnce(&mut LinkCounters)) {
         self.counters.send_modify(f);
     }
+
+    /// Copies the outbox counters in, waking watchers only when they changed.
+    fn publish_outbox(&self, outbox: &Outbox) {
+        let counters = outbox.counters();
+        self.counters.send_if_modified(|c| {
+            let changed = c.outbox != counters;
+            c.outbox = counters;
+            changed
+        });
+    }
 }
 
 /// Constructor namespace.
@@ -230,20 +240,12 @@ pub struct LinkHandle {
     response_wait: Duration,
 }
 
-/// Microseconds since the Unix epoch, now.
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// A fresh header with a new txn.
 fn header(system_id: &str, txn: String) -> Header {
     Header {
         version: messages::PROTOCOL_VERSION,
         system_id: system_id.to_owned(),
-        created_at: messages::format_time(now_micros()),
+        created_at: messages::format_time(messages::now_micros()),
         txn,
     }
 }
@@ -463,12 +465,7 @@ impl LinkRunner {
     }
 
     fn publish_counters(&self) {
-        let outbox = self.outbox.counters();
-        self.shared.counters.send_if_modified(|c| {
-            let changed = c.outbox != outbox;
-            c.outbox = outbox;
-            changed
-        });
+        self.shared.publish_outbox(&self.outbox);
     }
 
     async fn session<I: CloudInbox>(
@@ -682,7 +679,8 @@ impl LinkRunner {
     }
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+/// Sleeps until `deadline`, or forever without one (a `select!` branch that never fires).
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
@@ -711,12 +709,7 @@ fn handle_cmd(outbox: &mut Outbox, cmd: Cmd, shared: &Shared) {
             outbox.remove(&txn);
         }
     }
-    let counters = outbox.counters();
-    shared.counters.send_if_modified(|c| {
-        let changed = c.outbox != counters;
-        c.outbox = counters;
-        changed
-    });
+    shared.publish_outbox(outbox);
 }
 
 /// One connection attempt: discovery when no endpoint is cached, then the upgrade to the next

@@ -29,6 +29,14 @@ pub const DEFAULT_RETRY_AFTER_MS: u64 = 500;
 // Time
 // ---------------------------------------------------------------------------------------------
 
+/// Microseconds since the Unix epoch, now (0 before 1970, saturating far in the future).
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Formats microseconds since the Unix epoch as `YYYY-MM-DDThh:mm:ss.ffffffZ` (UTC, exactly six
 /// fractional digits).
 pub fn format_time(unix_micros: i64) -> String {

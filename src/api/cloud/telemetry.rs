@@ -278,10 +278,16 @@ pub fn alert_to_cloud(node_id: &str, alert: &pb::Alert) -> Option<AlertItem> {
 /// Converts alerts (node ID, alert) in order and packs the ones that go to the cloud into
 /// `alerts` messages of at most [`ALERTS_PER_MESSAGE`] items. No alerts, no messages.
 pub fn alert_packages(alerts: Vec<(String, pb::Alert)>) -> Vec<messages::Alerts> {
-    let items: Vec<AlertItem> = alerts
-        .iter()
-        .filter_map(|(node, alert)| alert_to_cloud(node, alert))
-        .collect();
+    packages(
+        alerts
+            .iter()
+            .filter_map(|(node, alert)| alert_to_cloud(node, alert))
+            .collect(),
+    )
+}
+
+/// v7 alerts in `alerts` messages of at most [`ALERTS_PER_MESSAGE`] items, order kept.
+pub fn packages(items: Vec<AlertItem>) -> Vec<messages::Alerts> {
     items
         .chunks(ALERTS_PER_MESSAGE)
         .map(|chunk| messages::Alerts {
