@@ -24,6 +24,7 @@ use crate::api::cloud::link::{CloudLink, LinkConfig, LinkHandle, LinkRunner};
 use crate::api::cloud::transport;
 use crate::api::dns::DnsServer;
 use crate::api::dnszone::{self, keep_in_sync};
+use crate::api::iam::client::{CertInfo, WatchEvent, read_pem_url};
 use crate::api::iam::{ClientTls, IamClient, IamConfig, sync_to_store};
 use crate::api::sm::network::NetworkService;
 use crate::api::sm::server::{TlsPem, serve};
@@ -61,7 +62,6 @@ pub struct Daemon {
     pub system_id: String,
     pub dns: Option<Arc<DnsServer>>,
     stop: watch::Sender<bool>,
-    server_stop: Option<tokio::sync::oneshot::Sender<()>>,
     tasks: Vec<Task>,
 }
 
@@ -104,6 +104,8 @@ enum Source {
 struct Resolved {
     id: IdentityConfig,
     source: Source,
+    /// Serial of the `online` certificate IAM gave (IAM and a TLS cloud only).
+    online_serial: Option<String>,
 }
 
 /// With an `identity` section: that. Without: IAM at `iamPublicServerUrl` /
@@ -114,6 +116,7 @@ async fn resolve_identity(config: &Config, ca: Option<&str>) -> Result<Resolved,
         return Ok(Resolved {
             id: id.clone(),
             source: Source::Static,
+            online_serial: None,
         });
     }
     if config.iam_public_server_url.trim().is_empty() {
@@ -161,18 +164,149 @@ async fn resolve_identity(config: &Config, ca: Option<&str>) -> Result<Resolved,
         organization: None,
     })
     .map_err(setup("choosing the service discovery URL"))?;
+    let mut online_serial = None;
     if url.starts_with("https://") || url.starts_with("wss://") {
         let online = client
-            .get_cert("online", &[], "")
+            .get_cert(ONLINE_CERT, &[], "")
             .await
             .map_err(setup("IAM GetCert online"))?;
         id.cert_file = file_path(&online.cert_url);
         id.key_file = file_path(&online.key_url);
+        online_serial = Some(online.serial);
+    }
+    // With caCert the SM server runs mutual TLS with the CM's own certificate (certStorage).
+    if let Some(ca) = ca {
+        let own = client
+            .get_cert(&config.cert_storage, &[], "")
+            .await
+            .map_err(setup("IAM GetCert for the SM server (certStorage)"))?;
+        sm_tls_from(&own, ca)?;
+        id.sm_cert_file = file_path(&own.cert_url);
+        id.sm_key_file = file_path(&own.key_url);
     }
     Ok(Resolved {
         id,
         source: Source::Iam(client),
+        online_serial,
     })
+}
+
+/// The certificate type the cloud link's client certificate has.
+const ONLINE_CERT: &str = "online";
+
+/// The SM server's TLS material from an IAM certificate.
+fn sm_tls_from(cert: &CertInfo, ca: &str) -> Result<TlsPem, DaemonError> {
+    Ok(TlsPem {
+        cert: read_pem_url(&cert.cert_url).map_err(setup("reading the SM server certificate"))?,
+        key: read_pem_url(&cert.key_url).map_err(setup("reading the SM server key"))?,
+        client_ca: ca.to_owned(),
+    })
+}
+
+/// The cloud link's TLS from the `online` certificate IAM reports.
+fn online_tls(cert: &CertInfo, ca: &str) -> Result<Arc<rustls::ClientConfig>, DaemonError> {
+    let pem = read_pem_url(&cert.cert_url).map_err(setup("reading the online certificate"))?;
+    let key = read_pem_url(&cert.key_url).map_err(setup("reading the online key"))?;
+    transport::client_tls(ca.as_bytes(), Some((pem.as_bytes(), key.as_bytes())))
+        .map_err(setup("setting up TLS for the cloud"))
+}
+
+/// Follows IAM's changes of one certificate type: every new serial (also one missed while the
+/// subscription was down, found by asking again when it reopens) goes to `apply`. Runs until
+/// `stop`.
+async fn follow_cert(
+    client: IamClient,
+    cert_type: String,
+    mut serial: String,
+    mut apply: impl FnMut(&CertInfo) -> Result<(), DaemonError> + Send,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut events = client.watch_cert(&cert_type);
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let info = match event {
+            None => return,
+            Some(WatchEvent::Changed(info)) => info,
+            Some(WatchEvent::Opened) => match client.get_cert(&cert_type, &[], "").await {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::warn!("IAM GetCert {cert_type}: {e}");
+                    continue;
+                }
+            },
+        };
+        if info.serial == serial {
+            continue;
+        }
+        match apply(&info) {
+            Ok(()) => {
+                tracing::info!(cert_type, serial = %info.serial, "certificate changed; applied");
+                serial = info.serial;
+            }
+            Err(e) => tracing::error!(cert_type, "new certificate not applied: {e}"),
+        }
+    }
+}
+
+/// Runs the SM server on `addr` (first on `listener`) until `stop`; each TLS setting that
+/// arrives on `renewed` restarts it: the open SM streams are ended (the nodes reconnect) and
+/// the server listens again on the same address with the new certificate.
+async fn sm_server(
+    listener: tokio::net::TcpListener,
+    sm: SmController,
+    network: NetworkService,
+    mut tls: Option<TlsPem>,
+    mut renewed: tokio::sync::mpsc::Receiver<TlsPem>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Ok(addr) = listener.local_addr() else {
+        tracing::error!("SM server: no local address");
+        return;
+    };
+    let mut listener = Some(listener);
+    loop {
+        let l = match listener.take() {
+            Some(l) => l,
+            None => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("SM server: cannot listen on {addr} again: {e}");
+                    return;
+                }
+            },
+        };
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = serve(l, sm.clone(), Some(network.clone()), tls.clone(), async {
+            let _ = end_rx.await;
+        });
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => {
+                if let Err(e) = r {
+                    tracing::error!("SM server stopped: {e}");
+                }
+                return;
+            }
+            () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                let _ = end_tx.send(());
+                sm.close_all();
+                let _ = server.await;
+                return;
+            }
+            Some(new) = renewed.recv() => {
+                tls = Some(new);
+                let _ = end_tx.send(());
+                sm.close_all_because("the CM's certificate changed; connect again");
+                if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+                    tracing::warn!("SM server: old connections did not close in 5 s; dropped");
+                }
+                tracing::info!("SM server restarted on {addr} with the new certificate");
+            }
+        }
+    }
 }
 
 /// Room for alerts of this node (downloads, journal) between their source and the agent,
@@ -412,26 +546,26 @@ impl Daemon {
                 )),
             ));
         }
-        let (server_stop, server_rx) = tokio::sync::oneshot::channel::<()>();
-        let server_sm = sm.clone();
+        let (sm_renewed, sm_renewed_rx) = tokio::sync::mpsc::channel::<TlsPem>(4);
+        let sm_tls_on = tls.is_some();
         tasks.push(Task::new(
             "SM server",
             Stop::Brief,
-            tokio::spawn(async move {
-                if let Err(e) = serve(listener, server_sm, Some(network), tls, async {
-                    let _ = server_rx.await;
-                })
-                .await
-                {
-                    tracing::error!("SM server stopped: {e}");
-                }
-            }),
+            tokio::spawn(sm_server(
+                listener,
+                sm.clone(),
+                network,
+                tls,
+                sm_renewed_rx,
+                stop_rx.clone(),
+            )),
         ));
 
         let link_config = link_config(config, id, ca.as_deref())?;
         let (link, link_runner) = CloudLink::build(link_config.clone());
         // Alerts raised on this node (downloads, the journal) go to the agent through one queue.
         let (local_alerts, local_alerts_rx) = tokio::sync::mpsc::channel(LOCAL_ALERT_QUEUE);
+        let ca_pem = ca.clone();
         let fetcher = Fetcher {
             link: link.clone(),
             install_path: config.image_manager.install_path.clone(),
@@ -488,6 +622,47 @@ impl Daemon {
                     Stop::Abort,
                     tokio::spawn(sync_to_store(client.clone(), store.clone())),
                 ));
+                // Certificate changes: a new `online` certificate reconnects the cloud, a new
+                // certStorage certificate restarts the SM server.
+                if let (Some(ca), Some(serial)) = (ca_pem.clone(), ident.online_serial.clone()) {
+                    let link = link.clone();
+                    tasks.push(Task::new(
+                        "online certificate",
+                        Stop::Graceful,
+                        tokio::spawn(follow_cert(
+                            client.clone(),
+                            ONLINE_CERT.to_owned(),
+                            serial,
+                            move |info| {
+                                let tls = online_tls(info, &ca)?;
+                                link.reconnect_with(Some(tls))
+                                    .map_err(setup("the cloud link"))
+                            },
+                            stop_rx.clone(),
+                        )),
+                    ));
+                }
+                if let (Some(ca), true) = (ca_pem.clone(), sm_tls_on) {
+                    let serial = client
+                        .get_cert(&config.cert_storage, &[], "")
+                        .await
+                        .map(|c| c.serial)
+                        .unwrap_or_default();
+                    tasks.push(Task::new(
+                        "SM server certificate",
+                        Stop::Graceful,
+                        tokio::spawn(follow_cert(
+                            client.clone(),
+                            config.cert_storage.clone(),
+                            serial,
+                            move |info| {
+                                let pem = sm_tls_from(info, &ca)?;
+                                sm_renewed.try_send(pem).map_err(setup("the SM server"))
+                            },
+                            stop_rx.clone(),
+                        )),
+                    ));
+                }
                 parts.spawn(
                     Arc::new(client.clone()),
                     link_runner,
@@ -529,7 +704,6 @@ impl Daemon {
             system_id: ident.id.system_id.clone(),
             dns,
             stop,
-            server_stop: Some(server_stop),
             tasks,
         })
     }
@@ -537,9 +711,6 @@ impl Daemon {
     /// Stops every part and waits up to `grace` for them; returns whether all ended in time.
     pub async fn shutdown(mut self, grace: Duration) -> bool {
         let _ = self.stop.send(true);
-        if let Some(s) = self.server_stop.take() {
-            let _ = s.send(());
-        }
         self.sm.close_all();
         let deadline = tokio::time::Instant::now() + grace;
         let mut done = true;

@@ -388,3 +388,219 @@ async fn sigterm_in_the_middle_of_an_update_exits_cleanly_and_the_next_start_res
     }
     assert!(!resumed.instances.is_empty());
 }
+
+/// Test certificates: one CA, leaves for the servers (SAN `localhost` and 127.0.0.1) and the
+/// clients, each written as `<name>.pem` / `<name>.key` under `dir`.
+struct TestPki {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: PathBuf,
+}
+
+impl TestPki {
+    fn new(dir: &Path) -> TestPki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Unit Test Root");
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        std::fs::write(dir.join("ca.pem"), issuer.pem()).unwrap();
+        TestPki {
+            issuer,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// A leaf usable as server and client; returns (cert PEM, key PEM, cert DER).
+    fn leaf(&self, name: &str) -> (String, String, Vec<u8>) {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::write(self.dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+
+    fn url(&self, name: &str, ext: &str) -> String {
+        format!(
+            "file://{}",
+            self.dir.join(format!("{name}.{ext}")).display()
+        )
+    }
+}
+
+/// The certificate a TLS server at `addr` presents (DER), seen by a client with `client`.
+async fn served_cert(addr: SocketAddr, ca: &str, client: (&str, &str)) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from_pem_slice(client.0.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(client.1.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the SM server");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+async fn tls_channel(addr: SocketAddr, ca: &str, client: (&str, &str)) -> Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(client.0, client.1))
+        .domain_name("localhost");
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("SM server over TLS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_rotation_in_iam_reconnects_the_cloud_and_restarts_the_sm_server() {
+    use aos_cm::sim::cloud::ServerTls;
+    use aos_cm::sim::iam::{SimCert, SimIam, SimIamConfig, SimIamTls};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let ca = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+    let (iam_cert, iam_key, _) = pki.leaf("iam");
+    let (cloud_cert, cloud_key, _) = pki.leaf("cloud");
+    let (_, _, cm1) = pki.leaf("cm1");
+    let (_, _, cm2) = pki.leaf("cm2");
+    let (_, _, online1) = pki.leaf("online1");
+    let (_, _, online2) = pki.leaf("online2");
+    let (sm_cert, sm_key, _) = pki.leaf("sm");
+    let sm_client = (sm_cert.as_str(), sm_key.as_str());
+
+    let mut iam_config = SimIamConfig::example();
+    let cert = |name: &str, serial: u8| SimCert {
+        cert_url: pki.url(name, "pem"),
+        key_url: pki.url(name, "key"),
+        serial: vec![serial],
+    };
+    iam_config.certs.insert("cm".into(), cert("cm1", 1));
+    iam_config.certs.insert("online".into(), cert("online1", 2));
+    iam_config.tls = Some(SimIamTls {
+        cert: iam_cert,
+        key: iam_key,
+        client_ca: Some(ca.clone()),
+    });
+    let iam = SimIam::start(iam_config).await.expect("IAM");
+    let mut options = CloudOptions::new(SYSTEM_ID);
+    options.tls = Some(ServerTls {
+        cert_chain_pem: cloud_cert.into_bytes(),
+        key_pem: cloud_key.into_bytes(),
+        client_ca_pem: Some(ca.clone().into_bytes()),
+    });
+    let cloud = SimCloud::start(options).await.unwrap();
+    assert!(cloud.discovery_url().starts_with("https://"));
+    let config = json!({
+        "workingDir": dir.path(),
+        "caCert": dir.path().join("ca.pem"),
+        "certStorage": "cm",
+        "serviceDiscoveryUrl": cloud.discovery_url(),
+        "iamPublicServerUrl": iam.url(),
+        "iamProtectedServerUrl": iam.url(),
+        "cmServerUrl": "127.0.0.1:0",
+        "stateDir": dir.path().join("states"),
+        "unitStatusSendTimeout": "100ms",
+    });
+    let (config, _) =
+        aos_cm::config::Config::from_json_str(&config.to_string(), "test.cfg").unwrap();
+    let daemon = aos_cm::daemon::Daemon::start(&config, unit::quick_runner())
+        .await
+        .expect("daemon");
+
+    // The first session uses the online certificate IAM gave; the SM server serves certStorage's.
+    cloud.wait_sessions(1).await;
+    assert_eq!(
+        cloud.session_client_certs()[0].as_deref(),
+        Some(&online1[..])
+    );
+    assert_eq!(served_cert(daemon.sm_addr, &ca, sm_client).await, cm1);
+    let sc = scenario::load(&example()).unwrap();
+    let info = sc.snapshot.observed.nodes["secondary-1"]
+        .sm
+        .clone()
+        .unwrap();
+    let mut sim = SimSm::new("secondary-1", info, SimOptions::default());
+    sim.connect(tls_channel(daemon.sm_addr, &ca, sm_client).await)
+        .await
+        .unwrap();
+
+    // Rotation of the online certificate: a new session with the new certificate.
+    iam.set_cert_files(
+        "online",
+        &pki.url("online2", "pem"),
+        &pki.url("online2", "key"),
+        &[3],
+    );
+    cloud.wait_sessions(2).await;
+    let certs = cloud.session_client_certs();
+    assert_eq!(certs.last().unwrap().as_deref(), Some(&online2[..]));
+    assert_eq!(daemon.link.counters().renewals, 1);
+    // Messages still flow on the new session.
+    cloud
+        .wait_for(|f| {
+            f.iter()
+                .any(|f| {
+                    f.from_unit
+                        && f.session >= 2
+                        && f.message_type().as_deref() == Some("unitStatus")
+                })
+                .then_some(())
+        })
+        .await;
+
+    // Rotation of the CM's own certificate: the SM's stream ends, the server comes back on the
+    // same address with the new certificate, and the SM connects again.
+    iam.set_cert_files("cm", &pki.url("cm2", "pem"), &pki.url("cm2", "key"), &[4]);
+    sim.wait_closed().await;
+    let served = loop {
+        // The server is back once a handshake succeeds; it may take a moment to rebind.
+        match tokio::net::TcpStream::connect(daemon.sm_addr).await {
+            Ok(_) => break served_cert(daemon.sm_addr, &ca, sm_client).await,
+            Err(_) => tokio::task::yield_now().await,
+        }
+    };
+    assert_eq!(served, cm2);
+    sim.connect(tls_channel(daemon.sm_addr, &ca, sm_client).await)
+        .await
+        .unwrap();
+    assert!(sim.is_connected());
+    // The cloud link was not disturbed by the SM server's restart.
+    assert_eq!(cloud.sessions(), 2);
+    assert!(
+        iam.calls()
+            .iter()
+            .any(|c| c.contains("SubscribeCertChanged"))
+    );
+    assert!(daemon.shutdown(Duration::from_secs(4)).await);
+}

@@ -124,6 +124,8 @@ struct Recorded {
     sessions: u64,
     connected: bool,
     rejected_upgrades: u64,
+    /// The client certificate (DER) of each WebSocket session, in order.
+    client_certs: Vec<Option<Vec<u8>>>,
 }
 
 struct Shared {
@@ -199,12 +201,24 @@ fn server_tls(tls: &ServerTls) -> Result<Arc<rustls::ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-async fn accept_io(tcp: TcpStream, tls: Option<&tokio_rustls::TlsAcceptor>) -> Option<Box<dyn Io>> {
+/// The accepted stream and the client's leaf certificate (DER), if it presented one.
+async fn accept_io(
+    tcp: TcpStream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+) -> Option<(Box<dyn Io>, Option<Vec<u8>>)> {
     let _ = tcp.set_nodelay(true);
     match tls {
-        None => Some(Box::new(tcp)),
+        None => Some((Box::new(tcp), None)),
         Some(acceptor) => match acceptor.accept(tcp).await {
-            Ok(s) => Some(Box::new(s)),
+            Ok(s) => {
+                let client = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec());
+                Some((Box::new(s), client))
+            }
             Err(e) => {
                 tracing::debug!("sim cloud: TLS accept failed: {e}");
                 None
@@ -378,6 +392,12 @@ impl SimCloud {
         self.shared.rec().sessions
     }
 
+    /// The client certificate (DER) each WebSocket session was opened with, in session order
+    /// (`None` without TLS or without a client certificate).
+    pub fn session_client_certs(&self) -> Vec<Option<Vec<u8>>> {
+        self.shared.rec().client_certs.clone()
+    }
+
     /// Whether a session is open.
     pub fn connected(&self) -> bool {
         self.shared.rec().connected
@@ -410,6 +430,22 @@ impl SimCloud {
         }
     }
 
+    /// Waits until at least `n` WebSocket sessions have been opened and one is open.
+    pub async fn wait_sessions(&self, n: u64) {
+        loop {
+            let notified = self.shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let rec = self.shared.rec();
+                if rec.sessions >= n && rec.connected {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Waits for the `n`-th (1-based) frame the unit sent of `message_type`.
     pub async fn wait_from_unit(&self, message_type: &str, n: usize) -> Frame {
         self.wait_for(|frames| {
@@ -435,7 +471,7 @@ async fn discovery_server(
         let tls = tls.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let Some(io) = accept_io(tcp, tls.as_ref()).await else {
+            let Some((io, _)) = accept_io(tcp, tls.as_ref()).await else {
                 return;
             };
             let service =
@@ -497,10 +533,10 @@ async fn ws_server(
         let tls = tls.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let Some(io) = accept_io(tcp, tls.as_ref()).await else {
+            let Some((io, client_cert)) = accept_io(tcp, tls.as_ref()).await else {
                 return;
             };
-            ws_session(io, shared).await;
+            ws_session(io, client_cert, shared).await;
         });
     }
 }
@@ -514,7 +550,7 @@ fn record(shared: &Shared, frame: Frame) {
     clippy::result_large_err,
     reason = "the handshake callback's error type is fixed by tungstenite"
 )]
-async fn ws_session(io: Box<dyn Io>, shared: Arc<Shared>) {
+async fn ws_session(io: Box<dyn Io>, client_cert: Option<Vec<u8>>, shared: Arc<Shared>) {
     let token = shared.options.auth_token.clone();
     let hs = shared.clone();
     let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -554,6 +590,7 @@ async fn ws_session(io: Box<dyn Io>, shared: Arc<Shared>) {
         let mut rec = shared.rec();
         rec.sessions += 1;
         rec.connected = true;
+        rec.client_certs.push(client_cert);
         rec.sessions
     };
     // A new session replaces the old one, as a real cloud would for the same unit.

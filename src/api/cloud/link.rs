@@ -143,6 +143,8 @@ pub struct LinkCounters {
     pub unmatched_blob_urls: u64,
     pub blob_url_timeouts: u64,
     pub requests_handled: u64,
+    /// New TLS settings taken (certificate renewals), each followed by a new connection.
+    pub renewals: u64,
     pub outbox: OutboxCounters,
 }
 
@@ -169,6 +171,10 @@ enum Cmd {
     },
     Withdraw {
         txn: String,
+    },
+    /// New TLS settings (a renewed `online` certificate): drop the session and connect again.
+    Reconnect {
+        tls: Option<Arc<rustls::ClientConfig>>,
     },
 }
 
@@ -282,6 +288,14 @@ impl LinkHandle {
             frame: frame.into_bytes(),
             important,
         })
+    }
+
+    /// Connects again with `tls` (a renewed `online` certificate): the open session, if any, is
+    /// closed, discovery runs again, and queued messages are kept.
+    pub fn reconnect_with(&self, tls: Option<Arc<rustls::ClientConfig>>) -> Result<(), LinkError> {
+        self.cmds
+            .send(Cmd::Reconnect { tls })
+            .map_err(|_| LinkError::Stopped)
     }
 
     /// Asks the cloud for download information of `digests` and waits for the `blobUrls` with
@@ -407,6 +421,7 @@ impl LinkRunner {
             if *shutdown.borrow() {
                 break;
             }
+            let mut renewed = None;
             let attempt = {
                 let fut = connect(&self.config, &mut self.endpoints, &self.shared);
                 tokio::pin!(fut);
@@ -414,13 +429,24 @@ impl LinkRunner {
                     tokio::select! {
                         r = &mut fut => break Some(r),
                         Some(cmd) = self.cmds.recv() => {
-                            handle_cmd(&mut self.outbox, cmd, &self.shared);
+                            if let Some(r) = handle_cmd(&mut self.outbox, cmd, &self.shared) {
+                                renewed = Some(r);
+                            }
                         }
                         _ = shutdown.changed() => break None,
                     }
                 }
             };
             let Some(attempt) = attempt else { break };
+            if let Some(r) = renewed {
+                // The attempt used the old certificate: start over with the new one.
+                self.renew(r);
+                backoff = self.backoff();
+                if let Ok(mut ws) = attempt {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                }
+                continue;
+            }
             match attempt {
                 Ok(ws) => {
                     backoff = self.backoff();
@@ -447,7 +473,13 @@ impl LinkRunner {
                         tokio::select! {
                             _ = &mut sleep => break false,
                             Some(cmd) = self.cmds.recv() => {
-                                handle_cmd(&mut self.outbox, cmd, &self.shared);
+                                if let Some(r) = handle_cmd(&mut self.outbox, cmd, &self.shared) {
+                                    // A new certificate may be what the cloud was waiting
+                                    // for: try it now.
+                                    self.renew(r);
+                                    backoff = self.backoff();
+                                    break false;
+                                }
                             }
                             _ = shutdown.changed() => break true,
                         }
@@ -466,6 +498,14 @@ impl LinkRunner {
 
     fn publish_counters(&self) {
         self.shared.publish_outbox(&self.outbox);
+    }
+
+    /// Takes new TLS settings; the endpoints learned with the old identity are dropped, so the
+    /// next attempt starts with service discovery.
+    fn renew(&mut self, r: Reconnect) {
+        self.config.tls = r.tls;
+        self.endpoints = Endpoints::new();
+        self.shared.count(|c| c.renewals += 1);
     }
 
     async fn session<I: CloudInbox>(
@@ -521,7 +561,14 @@ impl LinkRunner {
                     }
                     Some(Ok(_)) => {}
                 },
-                Some(cmd) = self.cmds.recv() => handle_cmd(&mut self.outbox, cmd, &self.shared),
+                Some(cmd) = self.cmds.recv() => {
+                    if let Some(r) = handle_cmd(&mut self.outbox, cmd, &self.shared) {
+                        tracing::info!("cloud: new client certificate; reconnecting");
+                        self.renew(r);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                        break End::Lost;
+                    }
+                }
                 _ = sleep_until(deadline), if deadline.is_some() => {}
                 _ = shutdown.changed() => {
                     let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
@@ -687,7 +734,8 @@ pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn handle_cmd(outbox: &mut Outbox, cmd: Cmd, shared: &Shared) {
+/// Applies an outbox command; a `Reconnect` is returned for the caller to act on.
+fn handle_cmd(outbox: &mut Outbox, cmd: Cmd, shared: &Shared) -> Option<Reconnect> {
     match cmd {
         Cmd::Send { out, reply } => {
             let message_type = out.message_type.clone();
@@ -708,8 +756,15 @@ fn handle_cmd(outbox: &mut Outbox, cmd: Cmd, shared: &Shared) {
         Cmd::Withdraw { txn } => {
             outbox.remove(&txn);
         }
+        Cmd::Reconnect { tls } => return Some(Reconnect { tls }),
     }
     shared.publish_outbox(outbox);
+    None
+}
+
+/// New TLS settings to connect with.
+struct Reconnect {
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// One connection attempt: discovery when no endpoint is cached, then the upgrade to the next

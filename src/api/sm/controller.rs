@@ -206,11 +206,16 @@ impl SmController {
     /// Ends every node's stream with UNAVAILABLE (the CM is stopping), so that the server's
     /// graceful shutdown does not wait for SMs that keep their streams open.
     pub fn close_all(&self) {
+        self.close_all_because("the CM is stopping");
+    }
+
+    /// Ends every SM stream with UNAVAILABLE and `reason`; the SMs connect again.
+    pub fn close_all_because(&self, reason: &str) {
         let links: Vec<_> = lock(&self.inner.links).drain().collect();
         for (_, link) in links {
             let _ = link
                 .tx
-                .try_send(Err(Status::unavailable("the CM is stopping")));
+                .try_send(Err(Status::unavailable(reason.to_owned())));
         }
     }
 
