@@ -61,6 +61,9 @@ pub struct Daemon {
     /// This unit's system ID (from the identity section or from IAM).
     pub system_id: String,
     pub dns: Option<Arc<DnsServer>>,
+    /// The file server's URL as the nodes are told it (`fileServerUrl`, its port filled in
+    /// when the config says 0); empty when there is none.
+    pub file_server_url: String,
     stop: watch::Sender<bool>,
     tasks: Vec<Task>,
 }
@@ -370,6 +373,14 @@ impl AgentParts {
     }
 }
 
+/// `host:port` (optionally `tcp://`) with another port.
+fn with_port(url: &str, port: u16) -> String {
+    match url.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{port}"),
+        None => format!("{url}:{port}"),
+    }
+}
+
 /// A `file://` URL or a plain path as a path.
 fn file_path(url: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url))
@@ -471,10 +482,30 @@ impl Daemon {
                 .map_err(setup("writing the nodes"))?;
         }
 
+        // The file server is bound first: with port 0 the nodes are told the port it got.
+        let mut file_server_url = config.file_server_url.trim().to_owned();
+        let file_listener = if file_server_url.is_empty() {
+            None
+        } else {
+            let addr = listen_addr(&file_server_url)
+                .await
+                .map_err(setup("the file server address (fileServerUrl)"))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(setup("binding the file server (fileServerUrl)"))?;
+            if addr.port() == 0 {
+                let port = listener
+                    .local_addr()
+                    .map_err(setup("the file server address (fileServerUrl)"))?
+                    .port();
+                file_server_url = with_port(&file_server_url, port);
+            }
+            Some(listener)
+        };
         let clock = wall_clock();
         let sm_config = SmConfig {
             sm_connection_timeout: config.node_info_provider.sm_connection_timeout,
-            file_server_url: config.file_server_url.clone(),
+            file_server_url: file_server_url.clone(),
             storage_dir: config.storage_dir.to_string_lossy().into_owned(),
             state_dir: config.state_dir.to_string_lossy().into_owned(),
             ..SmConfig::default()
@@ -529,13 +560,7 @@ impl Daemon {
             ));
         }
 
-        if !config.file_server_url.trim().is_empty() {
-            let addr = listen_addr(&config.file_server_url)
-                .await
-                .map_err(setup("the file server address (fileServerUrl)"))?;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(setup("binding the file server (fileServerUrl)"))?;
+        if let Some(listener) = file_listener {
             tasks.push(Task::new(
                 "file server",
                 Stop::Graceful,
@@ -703,6 +728,7 @@ impl Daemon {
             link,
             system_id: ident.id.system_id.clone(),
             dns,
+            file_server_url,
             stop,
             tasks,
         })
@@ -768,5 +794,18 @@ pub fn sd_notify(state: &str) -> bool {
             tracing::warn!("sd_notify {path}: {e}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_is_put_into_host_port_urls() {
+        assert_eq!(with_port("127.0.0.1:0", 40123), "127.0.0.1:40123");
+        assert_eq!(with_port("localhost:0", 8), "localhost:8");
+        assert_eq!(with_port(":0", 9), ":9");
+        assert_eq!(with_port("cm", 7), "cm:7");
     }
 }

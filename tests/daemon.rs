@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
+use aos_cm::api::proto::servicemanager::v5 as pb;
+use pb::sm_service_client::SmServiceClient;
 
 const SYSTEM_ID: &str = "3f9c2a7e51d84b0c9e6a1d2b4c8f0e17";
 
@@ -372,6 +374,36 @@ async fn without_an_identity_section_the_daemon_takes_identity_and_nodes_from_ia
         "{full}"
     );
     assert!(iam.calls().iter().any(|c| c.contains("GetSystemInfo")));
+    // fileServerUrl with port 0: the nodes are told the port the file server got, and it
+    // serves the blob there.
+    let hex = "58b9257874a9963a80e90baa1845e1724103c4608d22756f490c9440df8f8046";
+    let mut sm_client = SmServiceClient::new(channel(daemon.sm_addr).await);
+    let urls = sm_client
+        .get_blobs_infos(pb::BlobsInfosRequest {
+            digests: vec![format!("sha256:{hex}")],
+        })
+        .await
+        .expect("GetBlobsInfos")
+        .into_inner()
+        .urls;
+    assert_eq!(
+        urls,
+        vec![format!("http://{}/blobs/sha256/{hex}", daemon.file_server_url)]
+    );
+    assert!(!daemon.file_server_url.ends_with(":0"));
+    let mut tcp = tokio::net::TcpStream::connect(&daemon.file_server_url)
+        .await
+        .expect("file server");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(
+        format!("HEAD /blobs/sha256/{hex} HTTP/1.1\r\nHost: cm\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(daemon.shutdown(Duration::from_secs(4)).await);
 }
 
