@@ -454,6 +454,19 @@ impl Daemon {
         let store =
             Arc::new(Store::open(&config.store_path()).map_err(setup("opening the store"))?);
 
+        // Planning settings from the config; the UID pool stays as the store has it.
+        let mut settings = store
+            .read(|r| r.settings())
+            .map_err(setup("reading the store"))?;
+        let ttl_ms =
+            u64::try_from(config.image_manager.update_item_ttl.as_millis()).unwrap_or(u64::MAX);
+        if settings.update_item_ttl_ms != ttl_ms {
+            settings.update_item_ttl_ms = ttl_ms;
+            store
+                .write(|tx| tx.set_settings(&settings))
+                .map_err(setup("writing the settings"))?;
+        }
+
         // Nodes from the identity's nodes file; what SMs reported stays.
         if !id.nodes_file.as_os_str().is_empty() {
             let nodes = crate::scenario::load_nodes(&id.nodes_file)

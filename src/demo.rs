@@ -1,23 +1,23 @@
-//! `aos-cm demo`: the real SM server, store, reconcilers, runner and executor, in-process,
-//! driving simulated nodes of the bundled example unit (or a synthetic unit of any size) over
-//! loopback gRPC until the unit has converged.
+//! `aos-cm demo`: the real daemon (`Daemon::start`, as `aos-cm run` starts it), in-process,
+//! against a simulated IAM, a simulated AosCloud and simulated Service Managers, all over
+//! loopback, until the unit has converged.
 //!
-//! For the bundled example a simulated AosCloud runs too (HTTP service discovery and a v7
-//! WebSocket on loopback): the unit connects to it, receives the desired state over the
-//! WebSocket, asks for every blob with `requestBlobUrls`, downloads, verifies and stores it, and
-//! reports its status back. What is simulated: the cloud and the nodes' Service Managers. Not
-//! there yet: IAM (the nodes' information comes from the example). A synthetic unit (`--nodes`)
-//! has no blobs; its desired state is put into the store directly.
+//! The daemon learns the system ID and the nodes from the simulated IAM (gRPC, iamanager v6),
+//! connects to the simulated cloud (HTTP service discovery and a v7 WebSocket), and serves the
+//! simulated SMs (gRPC, servicemanager v5). For the bundled example the cloud sends the desired
+//! state over the WebSocket and the daemon asks for every blob with `requestBlobUrls`,
+//! downloads, verifies and stores it, and reports the unit status back. A synthetic unit
+//! (`--nodes`) has no blobs; its desired state is put into the store before the daemon starts.
 
-use crate::agent::AgentConfig;
-use crate::api::cloud::link::LinkConfig;
-use crate::api::sm::SmConfig;
+use crate::config::Config;
+use crate::daemon::Daemon;
 use crate::model::*;
 use crate::scenario;
 use crate::sim::cloud::{CloudOptions, Frame, SimCloud};
+use crate::sim::iam::{SimIam, SimIamConfig};
 use crate::sim::sm::{SimOptions, SimSm};
 use crate::sim::synthetic;
-use crate::sim::unit::{self, SimUnit};
+use crate::sim::unit;
 use crate::store::Store;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -277,6 +277,39 @@ fn summary(snap: &Snapshot, out: &mut impl Write) {
 }
 
 /// Runs the demo, printing progress to `out`. Ok once converged.
+/// The system ID of a synthetic unit (`--nodes`).
+const SYNTHETIC_SYSTEM_ID: &str = "aos-cm-demo-synthetic-unit";
+
+/// The daemon's configuration for the demo: everything on loopback and under `dir`.
+fn demo_config(
+    dir: &Path,
+    cloud: &SimCloud,
+    iam: &SimIam,
+    sm_listen: Option<std::net::SocketAddr>,
+) -> Result<Config, DemoError> {
+    let config = serde_json::json!({
+        "workingDir": dir,
+        "serviceDiscoveryUrl": cloud.discovery_url(),
+        "iamPublicServerUrl": iam.url(),
+        "iamProtectedServerUrl": iam.url(),
+        "cmServerUrl": sm_listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()),
+        "fileServerUrl": "127.0.0.1:0",
+        "storageDir": dir.join("storages"),
+        "stateDir": dir.join("states"),
+        "unitStatusSendTimeout": "200ms",
+        "alerts": {"sendPeriod": "1s"},
+        "monitoring": {"sendPeriod": "5s"},
+        "imageManager": {
+            "installPath": dir.join("install"),
+            "downloadPath": dir.join("download"),
+        },
+    });
+    Config::from_json_str(&config.to_string(), "demo")
+        .map(|(c, _)| c)
+        .map_err(setup("the demo's configuration"))
+}
+
+/// Runs the demo, printing progress to `out`. Ok once converged.
 pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(), DemoError> {
     let keep = opts.workdir.is_some();
     let dir = match &opts.workdir {
@@ -287,9 +320,43 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
         }
         None => workdir().map_err(setup("creating a working directory"))?,
     };
-    let (mut snap, sms) = unit_to_run(&opts, &dir)?;
+    let result = run_in(&opts, &dir, out).await;
+    if keep {
+        let _ = writeln!(
+            out,
+            "\nthe store is kept in {}: `aos-cm status --store {}` shows it",
+            dir.display(),
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn run_in(
+    opts: &DemoOptions,
+    dir: &Path,
+    out: &mut (impl Write + Send),
+) -> Result<(), DemoError> {
+    if let Some(listen) = opts.sm_listen
+        && !listen.ip().is_loopback()
+    {
+        return Err(DemoError::Setup(format!(
+            "--sm-listen {listen}: the demo listens on loopback only (127.0.0.1 or [::1])"
+        )));
+    }
+    let (mut snap, sms) = unit_to_run(opts, dir)?;
+    for ext in &opts.external {
+        if !sms.iter().any(|(n, _)| n == ext) {
+            return Err(DemoError::Setup(format!(
+                "--external {ext}: no such node in the unit"
+            )));
+        }
+    }
     // The bundled example goes through the simulated cloud: desired state over the WebSocket,
-    // blobs downloaded. The store starts with the nodes and the installed unit config only.
+    // blobs downloaded. The store starts with the installed unit config only; the nodes come
+    // from the simulated IAM.
     let via_cloud = opts.nodes.is_none();
     let mut desired_data = None;
     if via_cloud {
@@ -316,68 +383,63 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
         }
         None => snap.desired.clone(),
     };
-    let store_path = dir.join("cm.redb");
+    let system_id = desired_data
+        .as_ref()
+        .map_or(SYNTHETIC_SYSTEM_ID, |(id, _)| id.as_str())
+        .to_owned();
+
+    // IAM knows the nodes (and the unit's subjects); the daemon reads them from it.
+    let mut iam_config = SimIamConfig::for_nodes(
+        &system_id,
+        snap.observed
+            .nodes
+            .values()
+            .map(|n| n.info.clone())
+            .collect(),
+    );
+    iam_config.subjects = snap
+        .observed
+        .unit_subjects
+        .iter()
+        .map(|s| s.as_str().to_owned())
+        .collect();
+    let iam = SimIam::start(iam_config)
+        .await
+        .map_err(setup("starting the simulated IAM"))?;
+    snap.observed.nodes.clear();
     {
-        let store = Store::open(&store_path).map_err(setup("opening the store"))?;
+        let store = Store::open(&dir.join("cm.redb")).map_err(setup("opening the store"))?;
         store
             .write(|tx| tx.set_snapshot(&snap))
             .map_err(setup("seeding the store"))?;
     }
-    let mut cloud = None;
-    let unit = match &desired_data {
-        Some((system_id, _)) => {
-            let mut options = CloudOptions::new(system_id);
-            options.blob_dir = Some(dir.join("example/blobs"));
-            let sim = SimCloud::start(options)
-                .await
-                .map_err(setup("starting the simulated cloud"))?;
-            let mut link = LinkConfig::new(system_id, &sim.discovery_url());
-            link.backoff_min = Duration::from_millis(50);
-            link.backoff_max = Duration::from_secs(1);
-            let agent = AgentConfig {
-                unit_status_send_timeout: Duration::from_millis(200),
-                alerts_send_period: Duration::from_secs(1),
-                monitoring_send_period: Duration::from_secs(5),
-            };
-            let started = SimUnit::start_with_cloud(
-                &store_path,
-                opts.sm_listen,
-                SmConfig::default(),
-                unit::quick_runner(),
-                unit::CloudSetup {
-                    link,
-                    agent,
-                    install_path: dir.join("install"),
-                },
-            )
-            .await
-            .map_err(setup("starting the CM"))?;
-            let _ = writeln!(
-                out,
-                "simulated AosCloud: service discovery at {}",
-                sim.discovery_url()
-            );
-            cloud = Some(sim);
-            started
-        }
-        None => SimUnit::start_at(
-            &store_path,
-            opts.sm_listen,
-            SmConfig::default(),
-            unit::quick_runner(),
-        )
+    let mut options = CloudOptions::new(&system_id);
+    if via_cloud {
+        options.blob_dir = Some(dir.join("example/blobs"));
+    }
+    let cloud = SimCloud::start(options)
         .await
-        .map_err(setup("starting the CM"))?,
-    };
+        .map_err(setup("starting the simulated cloud"))?;
+    let config = demo_config(dir, &cloud, &iam, opts.sm_listen)?;
+    let daemon = Daemon::start(&config, unit::quick_runner())
+        .await
+        .map_err(setup("starting the CM"))?;
     let _ = writeln!(
         out,
-        "aos-cm demo: the Communication Manager with {} simulated node(s); SM server on {}",
+        "aos-cm demo: the Communication Manager daemon, with a simulated AosCloud, IAM and {} Service Manager(s), all on loopback\n\
+         \x20 simulated IAM: {} (system ID {system_id}, {} node(s))\n\
+         \x20 simulated AosCloud: service discovery at {}\n\
+         \x20 the CM's SM server: {}, its file server: http://{}\n",
         sms.len() - opts.external.len().min(sms.len()),
-        unit.addr
+        iam.url(),
+        sms.len(),
+        cloud.discovery_url(),
+        daemon.sm_addr,
+        daemon.file_server_url,
     );
     let _ = writeln!(
         out,
-        "desired state: {} item(s), {} instance request(s); the nodes' SMs connect over gRPC and are told what to run\n",
+        "desired state: {} item(s), {} instance request(s)",
         desired_view.as_ref().map(|d| d.items.len()).unwrap_or(0),
         desired_view
             .as_ref()
@@ -385,69 +447,79 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
             .unwrap_or(0),
     );
     for ext in &opts.external {
-        if !sms.iter().any(|(n, _)| n == ext) {
-            return Err(DemoError::Setup(format!(
-                "--external {ext}: no such node in the unit"
-            )));
-        }
         let _ = writeln!(
             out,
             "waiting for an external SM to register as node {ext} at {}",
-            unit.addr
+            daemon.sm_addr
         );
     }
     let _ = writeln!(
         out,
-        "An AosEdge unit is a set of nodes; on each a Service Manager (SM) runs what the\n\
-         Communication Manager tells it. The CM places every requested instance on a node,\n\
-         allocates networks, pushes node configs, and waits for the SMs to report back.\n"
+        "\nAn AosEdge unit is a set of nodes; on each a Service Manager (SM) runs what the\n\
+         Communication Manager tells it. The CM learns the unit's identity and nodes from IAM,\n\
+         gets the desired state from the cloud, downloads and verifies the software, places\n\
+         every requested instance on a node, allocates networks, pushes node configs, and\n\
+         reports the unit's status back to the cloud.\n"
     );
+    let result = converge(opts, &daemon, &sms, &cloud, desired_data, out).await;
+    if !daemon.shutdown(Duration::from_secs(5)).await {
+        let _ = writeln!(out, "(some parts of the CM did not stop within 5 s)");
+    }
+    result
+}
+
+/// Connects the simulated SMs, sends the desired state and follows the store until the unit
+/// has converged or the time is up.
+async fn converge(
+    opts: &DemoOptions,
+    daemon: &Daemon,
+    sms: &[(String, SmInfo)],
+    cloud: &SimCloud,
+    desired_data: Option<(String, serde_json::Value)>,
+    out: &mut (impl Write + Send),
+) -> Result<(), DemoError> {
     let mut progress = Progress {
         started: Instant::now(),
         last: String::new(),
         printed_at: None,
     };
-    progress.show(
-        &unit.store.snapshot().map_err(setup("reading the store"))?,
-        out,
-        true,
-    );
+    let deadline = tokio::time::Instant::now() + opts.timeout;
     let mut sims: Vec<SimSm> = Vec::new();
-    for (node, info) in &sms {
+    for (node, info) in sms {
         if opts.external.contains(node) {
             continue;
         }
-        sims.push(
-            unit.sim(node, info.clone(), SimOptions::default())
-                .await
-                .map_err(setup("connecting a simulated SM"))?,
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", daemon.sm_addr))
+            .map_err(setup("the SM server address"))?
+            .connect()
+            .await
+            .map_err(setup("connecting a simulated SM"))?;
+        let mut sim = SimSm::new(node, info.clone(), SimOptions::default());
+        sim.connect(channel)
+            .await
+            .map_err(setup("connecting a simulated SM"))?;
+        sims.push(sim);
+    }
+    if let Some((_, data)) = desired_data {
+        let mut state = daemon.link.state();
+        let _ = tokio::time::timeout_at(deadline, state.wait_for(|s| s.connected)).await;
+        if cloud.send_data(data).is_none() {
+            return Err(DemoError::Setup(
+                "the CM did not connect to the simulated cloud".into(),
+            ));
+        }
+        let _ = writeln!(
+            out,
+            "the cloud sent the desired state over the WebSocket; the CM asks for each blob (requestBlobUrls), downloads and verifies it\n"
         );
     }
-
-    if let (Some(sim), Some((_, data))) = (&cloud, &desired_data) {
-        if let Some(link) = unit.cloud.as_ref().map(|(l, _)| l.clone()) {
-            let mut state = link.state();
-            let _ = tokio::time::timeout(opts.timeout, state.wait_for(|s| s.connected)).await;
-        }
-        match sim.send_data(data.clone()) {
-            Some(_) => {
-                let _ = writeln!(
-                    out,
-                    "the cloud sent the desired state over the WebSocket; the unit asks for each blob (requestBlobUrls), downloads and verifies it\n"
-                );
-            }
-            None => {
-                return Err(DemoError::Setup(
-                    "the unit did not connect to the simulated cloud".into(),
-                ));
-            }
-        }
-    }
-    let mut changes = unit.store.subscribe();
-    let deadline = tokio::time::Instant::now() + opts.timeout;
-    let result = loop {
-        let snap = unit.store.snapshot().map_err(setup("reading the store"))?;
-        let done = unit::converged(&snap);
+    let mut changes = daemon.store.subscribe();
+    loop {
+        let snap = daemon
+            .store
+            .snapshot()
+            .map_err(setup("reading the store"))?;
+        let done = !snap.observed.nodes.is_empty() && unit::converged(&snap);
         progress.show(&snap, out, done);
         if done {
             let _ = writeln!(
@@ -456,16 +528,14 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
                 progress.started.elapsed().as_secs_f64()
             );
             summary(&snap, out);
-            if let Some(sim) = &cloud {
-                cloud_summary(sim, deadline, out).await;
-            }
-            break Ok(());
+            cloud_summary(cloud, deadline, out).await;
+            return Ok(());
         }
         if tokio::time::timeout_at(deadline, changes.recv())
             .await
             .is_err()
         {
-            let conds = unit
+            let conds = daemon
                 .store
                 .conditions()
                 .map_err(setup("reading conditions"))?;
@@ -478,7 +548,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
             );
             text.sort();
             text.dedup();
-            break Err(DemoError::NotConverged {
+            return Err(DemoError::NotConverged {
                 secs: opts.timeout.as_secs(),
                 conditions: if text.is_empty() {
                     "  none (actions still in flight)".into()
@@ -487,18 +557,5 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<(),
                 },
             });
         }
-    };
-    drop(sims);
-    unit.stop().await;
-    if keep {
-        let _ = writeln!(
-            out,
-            "\nthe store is kept in {}: `aos-cm status --store {}` shows it",
-            dir.display(),
-            dir.display()
-        );
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
     }
-    result
 }

@@ -12,18 +12,18 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use aos_cm::api::proto::servicemanager::v5 as pb;
 use aos_cm::model::{Allocations, SmInfo};
 use aos_cm::scenario;
 use aos_cm::sim::cloud::{CloudOptions, Frame, SimCloud};
 use aos_cm::sim::sm::{SimOptions, SimSm};
 use aos_cm::sim::unit;
 use aos_cm::store::Store;
+use pb::sm_service_client::SmServiceClient;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
-use aos_cm::api::proto::servicemanager::v5 as pb;
-use pb::sm_service_client::SmServiceClient;
 
 const SYSTEM_ID: &str = "3f9c2a7e51d84b0c9e6a1d2b4c8f0e17";
 
@@ -388,7 +388,10 @@ async fn without_an_identity_section_the_daemon_takes_identity_and_nodes_from_ia
         .urls;
     assert_eq!(
         urls,
-        vec![format!("http://{}/blobs/sha256/{hex}", daemon.file_server_url)]
+        vec![format!(
+            "http://{}/blobs/sha256/{hex}",
+            daemon.file_server_url
+        )]
     );
     assert!(!daemon.file_server_url.ends_with(":0"));
     let mut tcp = tokio::net::TcpStream::connect(&daemon.file_server_url)

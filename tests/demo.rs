@@ -17,6 +17,12 @@ fn demo_converges_the_bundled_example() {
     );
     assert!(stdout.contains("converged in"), "{stdout}");
     assert!(stdout.contains("nodes connected 3/3"), "{stdout}");
+    // The daemon took the identity and the nodes from the simulated IAM.
+    assert!(
+        stdout.contains("simulated IAM: http://127.0.0.1:")
+            && stdout.contains("system ID 3f9c2a7e51d84b0c9e6a1d2b4c8f0e17, 3 node(s)"),
+        "{stdout}"
+    );
     // The example README's placement: gateway and telemetry on main, vision on secondary-1.
     let main = stdout
         .split("  main:")

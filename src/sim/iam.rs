@@ -131,6 +131,37 @@ impl SimIamConfig {
             tls: None,
         }
     }
+
+    /// A unit of these nodes (the main node is the one with the `MainNode` attribute, else the
+    /// first), with the example's certificate types and no subjects.
+    pub fn for_nodes(system_id: &str, nodes: Vec<NodeInfo>) -> SimIamConfig {
+        let example = SimIamConfig::example();
+        let main = nodes
+            .iter()
+            .find(|n| n.attrs.contains_key("MainNode"))
+            .or(nodes.first())
+            .map(|n| n.node_id.clone())
+            .unwrap_or_default();
+        let cert_types = nodes
+            .iter()
+            .map(|n| {
+                let types = if n.node_id == main {
+                    example.cert_types.get("main").cloned().unwrap_or_default()
+                } else {
+                    vec!["iam".to_owned(), "sm".to_owned()]
+                };
+                (n.node_id.clone(), types)
+            })
+            .collect();
+        SimIamConfig {
+            system_id: system_id.to_owned(),
+            current_node: main,
+            nodes,
+            subjects: Vec::new(),
+            cert_types,
+            ..example
+        }
+    }
 }
 
 type Sub<T> = mpsc::Sender<Result<T, Status>>;
