@@ -123,7 +123,8 @@ pub struct CloudAgent<I: Iam> {
     sm: SmController,
     link: LinkHandle,
     iam: Arc<I>,
-    config: AgentConfig,
+    /// The timing settings; a new value (config reload) applies from the next period.
+    config: watch::Receiver<AgentConfig>,
     counters: watch::Sender<AgentCounters>,
     /// A new desired state was committed and its update run has not been reported in full.
     run_pending: Mutex<bool>,
@@ -162,7 +163,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
             sm,
             link,
             iam,
-            config,
+            config: watch::channel(config).1,
             counters: watch::Sender::new(AgentCounters::default()),
             // An update interrupted by a restart resumes: its end is reported in full too.
             run_pending: Mutex::new(true),
@@ -176,6 +177,13 @@ impl<I: Iam + 'static> CloudAgent<I> {
     /// applied.
     pub fn with_storage_state(mut self, storage: Arc<StorageState>) -> Self {
         self.storage = Some(storage);
+        self
+    }
+
+    /// Takes its timing settings from `config` from now on, and every new value sent there
+    /// (the daemon's config reload).
+    pub fn with_config_updates(mut self, config: watch::Receiver<AgentConfig>) -> Self {
+        self.config = config;
         self
     }
 
@@ -343,7 +351,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
                     }
                     if sent.is_some() {
                         // Debounce: every change restarts the timer.
-                        due = Some(tokio::time::Instant::now() + self.config.unit_status_send_timeout);
+                        due = Some(tokio::time::Instant::now() + self.config.borrow().unit_status_send_timeout);
                     }
                 }
                 _ = sleep_until(due), if due.is_some() => {
@@ -365,13 +373,30 @@ impl<I: Iam + 'static> CloudAgent<I> {
     }
 
     async fn periodic_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut alerts = tokio::time::interval(self.config.alerts_send_period);
-        let mut monitoring = tokio::time::interval(self.config.monitoring_send_period);
-        alerts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        monitoring.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut settings = self.config.clone();
+        let periods = |c: &AgentConfig| {
+            let mut alerts = tokio::time::interval(c.alerts_send_period);
+            let mut monitoring = tokio::time::interval(c.monitoring_send_period);
+            alerts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            monitoring.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            (alerts, monitoring)
+        };
+        let (mut alerts, mut monitoring) = periods(&settings.borrow_and_update());
+        let mut settings_open = true;
         let mut link = self.link.state();
         loop {
             tokio::select! {
+                r = settings.changed(), if settings_open => match r {
+                    Ok(()) => {
+                        let (a, m) = periods(&settings.borrow_and_update());
+                        // The first tick of a new interval is immediate; skip it so that what
+                        // waits is sent at the new period, not at once.
+                        (alerts, monitoring) = (a, m);
+                        alerts.reset();
+                        monitoring.reset();
+                    }
+                    Err(_) => settings_open = false,
+                },
                 _ = alerts.tick() => {
                     if !self.link.is_connected() { continue }
                     for package in self.take_alert_packages() {

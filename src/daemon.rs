@@ -64,8 +64,30 @@ pub struct Daemon {
     /// The file server's URL as the nodes are told it (`fileServerUrl`, its port filled in
     /// when the config says 0); empty when there is none.
     pub file_server_url: String,
+    /// The cloud agent's timing settings, changed by [`Daemon::reload`].
+    agent_settings: watch::Sender<AgentConfig>,
     stop: watch::Sender<bool>,
     tasks: Vec<Task>,
+}
+
+/// What [`Daemon::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reload {
+    /// The config keys whose new values are in use now.
+    pub applied: Vec<&'static str>,
+    /// Other settings changed too; they take effect at the next start.
+    pub restart_needed: bool,
+}
+
+/// `old` with the settings [`Daemon::reload`] applies taken from `new`: the config the daemon
+/// runs with after a reload.
+pub fn reloadable_part(old: &Config, new: &Config) -> Config {
+    let mut c = old.clone();
+    c.unit_status_send_timeout = new.unit_status_send_timeout;
+    c.alerts.send_period = new.alerts.send_period;
+    c.monitoring.send_period = new.monitoring.send_period;
+    c.image_manager.update_item_ttl = new.image_manager.update_item_ttl;
+    c
 }
 
 /// `cmServerUrl` / `fileServerUrl` as a socket address: `:8093` means every interface.
@@ -344,7 +366,7 @@ struct AgentParts {
     store: Arc<Store>,
     sm: SmController,
     link: LinkHandle,
-    config: AgentConfig,
+    config: watch::Receiver<AgentConfig>,
     storage: Arc<crate::storagestate::StorageState>,
     stop: watch::Receiver<bool>,
 }
@@ -358,8 +380,10 @@ impl AgentParts {
         local_alerts: tokio::sync::mpsc::Receiver<crate::api::cloud::messages::AlertItem>,
         tasks: &mut Vec<Task>,
     ) {
+        let initial = self.config.borrow().clone();
         let agent = Arc::new(
-            CloudAgent::new(self.store, self.sm, self.link, iam, self.config)
+            CloudAgent::new(self.store, self.sm, self.link, iam, initial)
+                .with_config_updates(self.config)
                 .with_storage_state(self.storage),
         );
         for handle in agent.start(link_runner, self.stop) {
@@ -636,12 +660,12 @@ impl Daemon {
                 .await
                 .map_err(setup("opening the instance states (stateDir)"))?,
         );
-        let agent_config = AgentConfig::from_config(config);
+        let (agent_settings, agent_settings_rx) = watch::channel(AgentConfig::from_config(config));
         let parts = AgentParts {
             store: store.clone(),
             sm: sm.clone(),
             link: link.clone(),
-            config: agent_config,
+            config: agent_settings_rx,
             storage,
             stop: stop_rx.clone(),
         };
@@ -742,8 +766,46 @@ impl Daemon {
             system_id: ident.id.system_id.clone(),
             dns,
             file_server_url,
+            agent_settings,
             stop,
             tasks,
+        })
+    }
+
+    /// Applies what can change while running from `new` (the config was `old`): the cloud
+    /// agent's periods (`unitStatusSendTimeout`, `alerts.sendPeriod`, `monitoring.sendPeriod`)
+    /// and `imageManager.updateItemTtl`. Returns the keys applied and whether anything else
+    /// changed, which takes effect at the next start.
+    pub fn reload(&self, old: &Config, new: &Config) -> Result<Reload, DaemonError> {
+        let mut applied = Vec::new();
+        if new.unit_status_send_timeout != old.unit_status_send_timeout {
+            applied.push("unitStatusSendTimeout");
+        }
+        if new.alerts.send_period != old.alerts.send_period {
+            applied.push("alerts.sendPeriod");
+        }
+        if new.monitoring.send_period != old.monitoring.send_period {
+            applied.push("monitoring.sendPeriod");
+        }
+        if !applied.is_empty() {
+            self.agent_settings
+                .send_replace(AgentConfig::from_config(new));
+        }
+        if new.image_manager.update_item_ttl != old.image_manager.update_item_ttl {
+            let ttl_ms =
+                u64::try_from(new.image_manager.update_item_ttl.as_millis()).unwrap_or(u64::MAX);
+            self.store
+                .write(|tx| {
+                    let mut settings = tx.settings()?;
+                    settings.update_item_ttl_ms = ttl_ms;
+                    tx.set_settings(&settings)
+                })
+                .map_err(setup("writing the settings"))?;
+            applied.push("imageManager.updateItemTtl");
+        }
+        Ok(Reload {
+            applied,
+            restart_needed: reloadable_part(old, new) != *new,
         })
     }
 

@@ -81,8 +81,10 @@ enum Command {
     /// certificates come from IAM (iamPublicServerUrl, iamProtectedServerUrl), or from the
     /// config's `identity` section on a unit without IAM (see aos_cm.static.cfg.sample). Tells
     /// systemd when ready (NOTIFY_SOCKET).
-    /// SIGTERM or Ctrl-C: stops cleanly (exit 0). SIGHUP: re-reads and checks the config and
-    /// logs which changes need a restart. Logs go to stderr (RUST_LOG sets the level; default
+    /// SIGTERM or Ctrl-C: stops cleanly (exit 0). SIGHUP: re-reads the config and applies
+    /// unitStatusSendTimeout, alerts.sendPeriod, monitoring.sendPeriod and
+    /// imageManager.updateItemTtl at once; other changes are logged and take effect at the
+    /// next start (an invalid config is logged and ignored). Logs go to stderr (RUST_LOG sets the level; default
     /// info).
     Run {
         /// The daemon config
@@ -251,6 +253,7 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
         println!("aos-cm: running; SM server on {}", daemon.sm_addr);
         tracing::info!("SM server on {}", daemon.sm_addr);
         aos_cm::daemon::sd_notify("READY=1");
+        let mut running = config.clone();
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -260,13 +263,24 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
                         for w in warnings {
                             tracing::warn!("{w}");
                         }
-                        if new == config {
+                        if new == running {
                             tracing::info!("SIGHUP: config unchanged");
                         } else {
-                            tracing::warn!(
-                                "SIGHUP: {} changed; the new settings take effect at the next start",
-                                config_path.display()
-                            );
+                            match daemon.reload(&running, &new) {
+                                Ok(r) => {
+                                    if !r.applied.is_empty() {
+                                        tracing::info!("SIGHUP: now in use: {}", r.applied.join(", "));
+                                    }
+                                    if r.restart_needed {
+                                        tracing::warn!(
+                                            "SIGHUP: other settings in {} changed; they take effect at the next start",
+                                            config_path.display()
+                                        );
+                                    }
+                                    running = aos_cm::daemon::reloadable_part(&running, &new);
+                                }
+                                Err(e) => tracing::error!("SIGHUP: {e}"),
+                            }
                         }
                     }
                     Err(e) => tracing::error!("SIGHUP: the config is not valid, keeping the running one: {e}"),

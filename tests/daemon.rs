@@ -639,3 +639,60 @@ async fn a_certificate_rotation_in_iam_reconnects_the_cloud_and_restarts_the_sm_
     );
     assert!(daemon.shutdown(Duration::from_secs(4)).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_the_agent_periods_and_the_item_ttl_at_once() {
+    let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, sms) = prepare(dir.path(), &cloud);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut value: Value = serde_json::from_str(&text).unwrap();
+    // Alerts wait an hour at first.
+    value["alerts"]["sendPeriod"] = json!("1h");
+    let (old, _) = aos_cm::config::Config::from_json_str(&value.to_string(), "a.cfg").unwrap();
+    let daemon = aos_cm::daemon::Daemon::start(&old, unit::quick_runner())
+        .await
+        .expect("daemon");
+    cloud.wait_sessions(1).await;
+    let (node, info) = sms[0].clone();
+    let mut sim = SimSm::new(&node, info, SimOptions::default());
+    sim.connect(channel(daemon.sm_addr).await).await.unwrap();
+    let alert = pb::SmOutgoingMessages {
+        sm_outgoing_message: Some(pb::sm_outgoing_messages::SmOutgoingMessage::Alert(
+            pb::Alert {
+                timestamp: Some(prost_types::Timestamp {
+                    seconds: 1_790_000_000,
+                    nanos: 0,
+                }),
+                alert_item: Some(pb::alert::AlertItem::SystemAlert(pb::SystemAlert {
+                    message: "disk almost full".to_owned(),
+                })),
+            },
+        )),
+    };
+    assert!(sim.send_raw(alert).await);
+
+    value["alerts"]["sendPeriod"] = json!("100ms");
+    value["imageManager"] = json!({"updateItemTtl": "2h"});
+    let (new, _) = aos_cm::config::Config::from_json_str(&value.to_string(), "a.cfg").unwrap();
+    let reload = daemon.reload(&old, &new).unwrap();
+    assert_eq!(
+        reload.applied,
+        vec!["alerts.sendPeriod", "imageManager.updateItemTtl"]
+    );
+    assert!(!reload.restart_needed);
+    // The alert goes out at the new period instead of an hour later.
+    let sent = cloud.wait_from_unit("alerts", 1).await;
+    assert!(sent.text.contains("disk almost full"), "{}", sent.text);
+    let settings = daemon.store.read(|r| r.settings()).unwrap();
+    assert_eq!(settings.update_item_ttl_ms, 2 * 3600 * 1000);
+
+    // A setting that needs a restart is reported as such.
+    value["cmServerUrl"] = json!("127.0.0.1:1");
+    let (newer, _) = aos_cm::config::Config::from_json_str(&value.to_string(), "a.cfg").unwrap();
+    let running = aos_cm::daemon::reloadable_part(&old, &new);
+    let reload = daemon.reload(&running, &newer).unwrap();
+    assert!(reload.applied.is_empty());
+    assert!(reload.restart_needed);
+    assert!(daemon.shutdown(Duration::from_secs(4)).await);
+}
