@@ -380,7 +380,7 @@ impl AgentParts {
         local_alerts: tokio::sync::mpsc::Receiver<crate::api::cloud::messages::AlertItem>,
         tasks: &mut Vec<Task>,
     ) {
-        let initial = self.config.borrow().clone();
+        let initial = *self.config.borrow();
         let agent = Arc::new(
             CloudAgent::new(self.store, self.sm, self.link, iam, initial)
                 .with_config_updates(self.config)
