@@ -1,11 +1,13 @@
-//! System test: the real `aos-cm run` binary as a child process, with the simulated cloud and
-//! simulated SMs over loopback. Desired state → converged → unit status at the cloud; SIGKILL
-//! in the middle of an update and a restart converge to the same allocations as an undisturbed
-//! run; SIGTERM exits 0 promptly.
+//! System test: the real `aos-cm run` binary as a child process, with the simulated cloud, IAM
+//! and SMs over loopback. Desired state → converged → unit status at the cloud; SIGKILL in the
+//! middle of an update and a restart converge to the same allocations as an undisturbed run;
+//! SIGTERM exits 0 promptly. In-process daemons test IAM mode details, certificate rotation
+//! and reloads.
 //!
-//! The store starts with the nodes' IAM information only: the desired state comes over the
-//! WebSocket, and every blob of the example's items is requested with `requestBlobUrls`,
-//! downloaded from the `file://` URLs the simulated cloud answers with, verified and stored.
+//! The store starts empty but for the installed unit config: the identity and the nodes come
+//! from the simulated IAM, the desired state over the WebSocket, and every blob of the
+//! example's items is requested with `requestBlobUrls`, downloaded from the `file://` URLs the
+//! simulated cloud answers with, verified and stored.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,11 +34,20 @@ fn example() -> PathBuf {
 }
 
 /// A working directory with a seeded store (no desired state) and a config pointing at the
-/// cloud; returns the config path and the SM infos the simulated nodes send.
-fn prepare(dir: &Path, cloud: &SimCloud) -> (PathBuf, Vec<(String, SmInfo)>) {
+/// cloud; returns the config path and the SM infos the simulated nodes send. With `iam` the
+/// daemon takes its identity and the nodes from it (the store starts without nodes); without,
+/// from the config's `identity` section and the example's nodes file.
+fn prepare(
+    dir: &Path,
+    cloud: &SimCloud,
+    iam: Option<&aos_cm::sim::iam::SimIam>,
+) -> (PathBuf, Vec<(String, SmInfo)>) {
     let sc = scenario::load(&example()).expect("example");
     let mut snap = sc.snapshot;
     let sms = unit::before_sms_connect(&mut snap);
+    if iam.is_some() {
+        snap.observed.nodes.clear();
+    }
     // Nothing downloaded yet: the daemon fetches every blob through the cloud.
     snap.desired = None;
     snap.catalogue = Default::default();
@@ -45,7 +56,7 @@ fn prepare(dir: &Path, cloud: &SimCloud) -> (PathBuf, Vec<(String, SmInfo)>) {
         let store = Store::open(&dir.join("cm.redb")).expect("store");
         store.write(|tx| tx.set_snapshot(&snap)).expect("seed");
     }
-    let config = json!({
+    let mut config = json!({
         "workingDir": dir,
         "serviceDiscoveryUrl": cloud.discovery_url(),
         "cmServerUrl": "127.0.0.1:0",
@@ -55,12 +66,20 @@ fn prepare(dir: &Path, cloud: &SimCloud) -> (PathBuf, Vec<(String, SmInfo)>) {
         "cloudResponseWaitTimeout": "5s",
         "alerts": {"sendPeriod": "200ms"},
         "monitoring": {"sendPeriod": "1s"},
-        "identity": {
-            "systemId": SYSTEM_ID,
-            "nodeId": "main",
-            "nodesFile": example().join("nodes.json"),
-        }
     });
+    match iam {
+        Some(iam) => {
+            config["iamPublicServerUrl"] = json!(iam.url());
+            config["iamProtectedServerUrl"] = json!(iam.url());
+        }
+        None => {
+            config["identity"] = json!({
+                "systemId": SYSTEM_ID,
+                "nodeId": "main",
+                "nodesFile": example().join("nodes.json"),
+            });
+        }
+    }
     let path = dir.join("aos_cm.cfg");
     std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
     (path, sms)
@@ -169,7 +188,11 @@ async fn run_unit(disturb: Disturb) -> (Option<Allocations>, Allocations) {
     let mut options = CloudOptions::new(SYSTEM_ID);
     options.blob_dir = Some(example().join("blobs"));
     let cloud = SimCloud::start(options).await.unwrap();
-    let (config, sms) = prepare(dir.path(), &cloud);
+    // Identity and nodes from the simulated IAM, which stays up while the daemon restarts.
+    let iam = aos_cm::sim::iam::SimIam::start(aos_cm::sim::iam::SimIamConfig::example())
+        .await
+        .expect("IAM");
+    let (config, sms) = prepare(dir.path(), &cloud, Some(&iam));
     let mut daemon = spawn(&config).await;
     let options = SimOptions {
         delay: Duration::from_millis(300),
@@ -241,6 +264,9 @@ async fn run_unit(disturb: Disturb) -> (Option<Allocations>, Allocations) {
         .collect();
     let status = terminate(daemon).await;
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    // Each start asked IAM who the unit is.
+    let starts = if disturb == Disturb::Nothing { 1 } else { 2 };
+    assert_eq!(iam.calls_to("GetSystemInfo").len(), starts);
     let store = Store::open(&dir.path().join("cm.redb")).unwrap();
     let snap = store.snapshot().unwrap();
     assert!(unit::converged(&snap));
@@ -644,7 +670,7 @@ async fn a_certificate_rotation_in_iam_reconnects_the_cloud_and_restarts_the_sm_
 async fn a_reload_applies_the_agent_periods_and_the_item_ttl_at_once() {
     let cloud = SimCloud::start(CloudOptions::new(SYSTEM_ID)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (path, sms) = prepare(dir.path(), &cloud);
+    let (path, sms) = prepare(dir.path(), &cloud, None);
     let text = std::fs::read_to_string(&path).unwrap();
     let mut value: Value = serde_json::from_str(&text).unwrap();
     // Alerts wait an hour at first.
