@@ -289,7 +289,10 @@ impl<I: Iam + 'static> CloudAgent<I> {
 
     fn full_status(&self) -> Option<messages::UnitStatus> {
         match self.store.snapshot() {
-            Ok(snap) => Some(unitstatus::full_status(&snap.observed)),
+            Ok(snap) => {
+                let conditions = self.store.conditions().unwrap_or_default();
+                Some(unitstatus::full_status_of(&snap, &conditions))
+            }
             Err(e) => {
                 self.count(|c| c.store_errors += 1);
                 tracing::error!("cloud agent: reading the store: {e}");

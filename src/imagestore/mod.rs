@@ -9,3 +9,6 @@ pub mod fetch;
 pub mod oci;
 pub mod sign;
 pub mod verify;
+
+#[cfg(test)]
+mod pipeline_tests;

@@ -450,7 +450,7 @@ fn check_issued_by(cert: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -461,17 +461,17 @@ mod tests {
     use std::io::Write as _;
     use std::sync::OnceLock;
 
-    const AT: &str = "2026-05-07T05:44:11.000000Z";
+    pub(crate) const AT: &str = "2026-05-07T05:44:11.000000Z";
     const DATA: &[u8] = b"hello, signed world\n";
 
-    struct Pki {
-        root_pem: String,
-        other_root_pem: String,
-        inter_der: Vec<u8>,
-        leaf_der: Vec<u8>,
-        expired_leaf_der: Vec<u8>,
-        leaf_key: RsaPrivateKey,
-        inter_key: RsaPrivateKey,
+    pub(crate) struct Pki {
+        pub(crate) root_pem: String,
+        pub(crate) other_root_pem: String,
+        pub(crate) inter_der: Vec<u8>,
+        pub(crate) leaf_der: Vec<u8>,
+        pub(crate) expired_leaf_der: Vec<u8>,
+        pub(crate) leaf_key: RsaPrivateKey,
+        pub(crate) inter_key: RsaPrivateKey,
     }
 
     fn new_key() -> RsaPrivateKey {
@@ -497,7 +497,7 @@ mod tests {
         p
     }
 
-    fn pki() -> &'static Pki {
+    pub(crate) fn pki() -> &'static Pki {
         static PKI: OnceLock<Pki> = OnceLock::new();
         PKI.get_or_init(|| {
             let (root_k, inter_k, leaf_k, other_k) = (new_key(), new_key(), new_key(), new_key());
@@ -537,7 +537,7 @@ mod tests {
         })
     }
 
-    fn fp(der: &[u8]) -> String {
+    pub(crate) fn fp(der: &[u8]) -> String {
         Sha256::digest(der)
             .iter()
             .map(|b| format!("{b:02X}"))
@@ -555,7 +555,7 @@ mod tests {
         Certificates::new(&certs, &chains)
     }
 
-    fn sign_pkcs1_sha256(key: &RsaPrivateKey, data: &[u8]) -> String {
+    pub(crate) fn sign_pkcs1_sha256(key: &RsaPrivateKey, data: &[u8]) -> String {
         let sig = key
             .sign(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(data))
             .expect("sign");

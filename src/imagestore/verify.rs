@@ -407,7 +407,7 @@ fn verify_blocking(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use aes::cipher::{BlockModeEncrypt, block_padding::Pkcs7};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -450,7 +450,7 @@ mod tests {
             .collect()
     }
 
-    fn info(key_len: usize) -> DecryptInfo {
+    pub(crate) fn info(key_len: usize) -> DecryptInfo {
         DecryptInfo {
             key: (0..key_len)
                 .map(|i| (i as u8).wrapping_mul(7) ^ 0x5a)
@@ -459,7 +459,7 @@ mod tests {
         }
     }
 
-    fn encrypt(info: &DecryptInfo, pt: &[u8]) -> Vec<u8> {
+    pub(crate) fn encrypt(info: &DecryptInfo, pt: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; pt.len() + BLOCK];
         buf[..pt.len()].copy_from_slice(pt);
         let (k, iv) = (&info.key[..], &info.iv[..]);

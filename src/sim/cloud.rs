@@ -136,6 +136,9 @@ struct Shared {
     ack_mode: Mutex<AckMode>,
     /// Sender into the current session, if one is open.
     session: Mutex<Option<mpsc::UnboundedSender<SessionCmd>>>,
+    /// `blobUrls` entries set by the test instead of the ones made from the blob folder
+    /// (`None`: the digest is left out of the answer).
+    blob_overrides: Mutex<BTreeMap<String, Option<BlobInfo>>>,
 }
 
 impl Shared {
@@ -243,6 +246,7 @@ impl SimCloud {
             notify: Notify::new(),
             ack_mode: Mutex::new(AckMode::Ack),
             session: Mutex::new(None),
+            blob_overrides: Mutex::new(BTreeMap::new()),
         });
         let mut cloud = SimCloud {
             shared,
@@ -428,6 +432,25 @@ impl SimCloud {
             }
             notified.await;
         }
+    }
+
+    /// Answers `requestBlobUrls` for `digest` with `info` (`None`: no entry) instead of what
+    /// the blob folder gives, until [`SimCloud::clear_blob_info`].
+    pub fn set_blob_info(&self, digest: &str, info: Option<BlobInfo>) {
+        self.shared
+            .blob_overrides
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(digest.to_owned(), info);
+    }
+
+    /// Back to the blob folder's answer for `digest`.
+    pub fn clear_blob_info(&self, digest: &str) {
+        self.shared
+            .blob_overrides
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(digest);
     }
 
     /// Waits until at least `n` WebSocket sessions have been opened and one is open.
@@ -692,7 +715,15 @@ fn answer(shared: &Shared, text: &str) -> Vec<Value> {
             .map(|ds| {
                 ds.iter()
                     .filter_map(Value::as_str)
-                    .filter_map(|d| blob_info(dir, d))
+                    .filter_map(|d| {
+                        let set = shared
+                            .blob_overrides
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get(d)
+                            .cloned();
+                        set.unwrap_or_else(|| blob_info(dir, d))
+                    })
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default();

@@ -16,7 +16,9 @@ use super::messages::{
     NodeIdentity, NodeInfo, OsInfo, PartitionInfo, ResourceInfo, RuntimeInfo, UnitConfigStatus,
     UnitStatus,
 };
-use crate::model::{Connection, ItemState, ObservedNode, ObservedUnit, UnitConfigState};
+use crate::model::{
+    Condition, Connection, ItemState, ObservedNode, ObservedUnit, Snapshot, UnitConfigState,
+};
 
 /// The same state string in the wire enum; `None` if the wire has no such value.
 fn wire<T: DeserializeOwned>(s: &str) -> Option<T> {
@@ -281,6 +283,76 @@ pub fn full_status(o: &ObservedUnit) -> UnitStatus {
                 .collect(),
         ),
     }
+}
+
+/// [`full_status`] plus the desired items the unit does not hold yet: `downloading` while a
+/// blob of theirs is missing, `failed` with the error when fetching or verifying one of them
+/// failed (the runner keeps retrying; the state follows), `pending` once everything is stored.
+pub fn full_status_of(snap: &Snapshot, conditions: &BTreeMap<String, Condition>) -> UnitStatus {
+    let mut status = full_status(&snap.observed);
+    if let Some(items) = status.items.as_mut() {
+        items.extend(desired_items(snap, conditions));
+    }
+    status
+}
+
+/// The message of a failed action's condition without the runner's framing
+/// (`<reconciler>: <error> (attempt <n>)`), so that a retry does not change the status.
+fn failure_message(c: &Condition) -> String {
+    let m = c.message.as_str();
+    let m = m.split_once(": ").map_or(m, |(_, rest)| rest);
+    let m = m.rsplit_once(" (attempt ").map_or(m, |(head, _)| head);
+    m.to_owned()
+}
+
+fn desired_items(snap: &Snapshot, conditions: &BTreeMap<String, Condition>) -> Vec<ItemStatus> {
+    let Some(desired) = snap.desired.as_ref() else {
+        return Vec::new();
+    };
+    let o = &snap.observed;
+    let mut out = Vec::new();
+    for item in &desired.items {
+        let held = o
+            .items
+            .get(&(item.id.clone(), item.version.clone()))
+            .is_some_and(|i| i.state != ItemState::Removed);
+        if held {
+            continue;
+        }
+        let Some(index) = &item.index_digest else {
+            continue;
+        };
+        let blobs = match snap.catalogue.images.get(index) {
+            Some(image) => image.blobs(),
+            None => vec![index.clone()],
+        };
+        let failure = blobs
+            .iter()
+            .find_map(|b| conditions.get(&format!("action/blob/{b}")));
+        let (state, error) = match failure {
+            Some(c) => (
+                messages::ItemState::Failed,
+                Some(error_info(&failure_message(c))),
+            ),
+            None if blobs.iter().any(|b| !o.blobs.contains(b))
+                || !snap.catalogue.images.contains_key(index) =>
+            {
+                (messages::ItemState::Downloading, None)
+            }
+            None => (messages::ItemState::Pending, None),
+        };
+        out.push(ItemStatus {
+            item: Identity {
+                id: Some(item.id.as_str().to_owned()),
+                item_type: wire(item.item_type.as_str()),
+                ..Identity::default()
+            },
+            version: item.version.clone(),
+            state,
+            error_info: error,
+        });
+    }
+    out
 }
 
 /// The sections of `now` that differ from `sent` (both full), as a delta status; `None` when
