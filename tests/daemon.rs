@@ -722,3 +722,152 @@ async fn a_reload_applies_the_agent_periods_and_the_item_ttl_at_once() {
     assert!(reload.restart_needed);
     assert!(daemon.shutdown(Duration::from_secs(4)).await);
 }
+
+/// A blob server on 127.0.0.1 that records every request's `Range` header. A request without
+/// one gets the headers and the first half of the body, then the connection stalls; a ranged
+/// request gets the rest (206).
+struct StallingBlobServer {
+    addr: SocketAddr,
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingBlobServer {
+    async fn start(body: Vec<u8>) -> StallingBlobServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ranges.clone();
+        let task = tokio::spawn(async move {
+            let mut stalled = Vec::new();
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tcp.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => break,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let range = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range:"))
+                    .map(|r| r.trim().to_owned());
+                seen.lock().unwrap().push(range.clone());
+                let n = body.len();
+                match range.and_then(|r| {
+                    r.strip_prefix("bytes=")?
+                        .strip_suffix('-')?
+                        .parse::<usize>()
+                        .ok()
+                }) {
+                    Some(from) if from < n => {
+                        let head = format!(
+                            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{n}\r\nConnection: close\r\n\r\n",
+                            n - from,
+                            n - 1
+                        );
+                        let _ = tcp.write_all(head.as_bytes()).await;
+                        let _ = tcp.write_all(&body[from..]).await;
+                    }
+                    _ => {
+                        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+                        let _ = tcp.write_all(head.as_bytes()).await;
+                        let _ = tcp.write_all(&body[..n / 2]).await;
+                        let _ = tcp.flush().await;
+                        // Hold the connection open with the rest never sent.
+                        stalled.push(tcp);
+                    }
+                }
+            }
+        });
+        StallingBlobServer { addr, ranges, task }
+    }
+
+    fn ranges(&self) -> Vec<Option<String>> {
+        self.ranges.lock().unwrap().clone()
+    }
+}
+
+impl Drop for StallingBlobServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_download_is_resumed_with_a_range_request_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = CloudOptions::new(SYSTEM_ID);
+    options.blob_dir = Some(example().join("blobs"));
+    let cloud = SimCloud::start(options).await.unwrap();
+    let iam = aos_cm::sim::iam::SimIam::start(aos_cm::sim::iam::SimIamConfig::example())
+        .await
+        .expect("IAM");
+    let (config, sms) = prepare(dir.path(), &cloud, Some(&iam));
+    // The layer item's layer blob comes from the stalling HTTP server.
+    let sc = scenario::load(&example()).unwrap();
+    let layer = sc
+        .snapshot
+        .desired
+        .as_ref()
+        .unwrap()
+        .items
+        .iter()
+        .find(|i| i.item_type == aos_cm::model::ItemType::Layer)
+        .unwrap()
+        .clone();
+    let index = layer.index_digest.clone().unwrap();
+    let target = sc.snapshot.catalogue.images[&index].manifests[0].layers[0].clone();
+    let body = std::fs::read(example().join("blobs/sha256").join(target.hex())).unwrap();
+    let server = StallingBlobServer::start(body.clone()).await;
+    let mut entry = aos_cm::sim::cloud::blob_info(&example().join("blobs"), target.as_str())
+        .expect("blob info");
+    entry.urls = vec![format!("http://{}/blobs/{}", server.addr, target.hex())];
+    cloud.set_blob_info(target.as_str(), Some(entry));
+
+    let mut daemon = spawn(&config).await;
+    let mut sims = Vec::new();
+    for (node, info) in sms {
+        let mut sim = SimSm::new(&node, info, SimOptions::default());
+        sim.connect(channel(daemon.sm_addr).await).await.unwrap();
+        sims.push(sim);
+    }
+    cloud.wait_from_unit("unitStatus", 1).await;
+    cloud.send_data(desired()).expect("session");
+    // The first half is on disk: the daemon is in the middle of the download. Kill it.
+    let partial = dir.path().join("download").join(target.hex());
+    let half = (body.len() / 2) as u64;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < half {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("half of the blob was written");
+    daemon.child.start_kill().unwrap();
+    assert!(!daemon.child.wait().await.unwrap().success());
+    assert_eq!(server.ranges(), vec![None]);
+
+    // After the restart the download goes on from where it stopped.
+    daemon = spawn(&config).await;
+    for sim in &mut sims {
+        sim.connect(channel(daemon.sm_addr).await).await.unwrap();
+    }
+    cloud.wait_for(|f| converged_status(f, 2)).await;
+    assert_eq!(
+        server.ranges(),
+        vec![None, Some(format!("bytes={half}-"))],
+        "the restarted daemon asked for the rest only"
+    );
+    let stored = dir.path().join("install/blobs/sha256").join(target.hex());
+    assert_eq!(std::fs::read(stored).unwrap(), body);
+    assert!(!partial.exists());
+    let status = terminate(daemon).await;
+    assert!(status.success(), "{status:?}");
+}

@@ -17,8 +17,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 
 use super::sign::tests::{AT, fp, pki, sign_pkcs1_sha256};
-use super::verify::tests::{encrypt, info};
 use super::verify::sha3_256_hex;
+use super::verify::tests::{encrypt, info};
 use crate::api::cloud::messages::{BlobInfo, DecryptInfo, SignInfo};
 use crate::daemon::Daemon;
 use crate::model::{Digest, ItemState, ItemType};
