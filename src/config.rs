@@ -72,6 +72,8 @@ const IMAGE_MANAGER_KEYS: &[&str] = &[
     "downloadPath",
     "updateItemTtl",
     "removeOutdatedPeriod",
+    "maxConcurrentDownloads",
+    "downloadPartLimit",
 ];
 const LAUNCHER_KEYS: &[&str] = &[
     "nodesConnectionTimeout",
@@ -140,6 +142,11 @@ pub struct ImageManagerConfig {
     pub download_path: PathBuf,
     pub update_item_ttl: Duration,
     pub remove_outdated_period: Duration,
+    /// Blobs downloaded at once (upstream's downloader: 4).
+    pub max_concurrent_downloads: u64,
+    /// How full (percent) downloads may make the download partition: space for a blob is
+    /// reserved before its download, and a blob that does not fit waits (upstream: 100).
+    pub download_part_limit: u64,
 }
 
 impl ImageManagerConfig {
@@ -149,6 +156,8 @@ impl ImageManagerConfig {
             download_path: working_dir.join("download"),
             update_item_ttl: 30 * DAY,
             remove_outdated_period: 24 * HOUR,
+            max_concurrent_downloads: 4,
+            download_part_limit: 100,
         }
     }
 }
@@ -532,6 +541,36 @@ impl<'a> Fields<'a> {
         PathBuf::from(self.string_or(ctx, key, default))
     }
 
+    /// A whole number in `range`; anything else is an issue naming the key and the range.
+    fn integer_in(
+        &self,
+        ctx: &mut Ctx,
+        key: &str,
+        range: std::ops::RangeInclusive<u64>,
+        default: u64,
+    ) -> u64 {
+        let Some(node) = self.get(key) else {
+            return default;
+        };
+        match node {
+            Node::Scalar(Value::Number(n)) if n.as_u64().is_some_and(|v| range.contains(&v)) => {
+                n.as_u64().unwrap_or(default)
+            }
+            other => {
+                ctx.issue(
+                    self.path_of(key),
+                    format!(
+                        "expected a whole number from {} to {}, found {}",
+                        range.start(),
+                        range.end(),
+                        other.describe()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
     fn duration_or(&self, ctx: &mut Ctx, key: &str, default: Duration) -> Duration {
         let Some(node) = self.get(key) else {
             return default;
@@ -706,6 +745,18 @@ fn build(ctx: &mut Ctx, entries: &[(String, Node)]) -> Config {
                 ctx,
                 "removeOutdatedPeriod",
                 d.image_manager.remove_outdated_period,
+            ),
+            max_concurrent_downloads: image.integer_in(
+                ctx,
+                "maxConcurrentDownloads",
+                1..=64,
+                d.image_manager.max_concurrent_downloads,
+            ),
+            download_part_limit: image.integer_in(
+                ctx,
+                "downloadPartLimit",
+                0..=100,
+                d.image_manager.download_part_limit,
             ),
         },
         launcher: LauncherConfig {
@@ -1820,6 +1871,8 @@ mod tests {
                 download_path: "/var/aos/workdirs/cm/imagemanager/downloads".into(),
                 update_item_ttl: Duration::from_secs(30 * 86_400),
                 remove_outdated_period: Duration::from_secs(86_400),
+                max_concurrent_downloads: 4,
+                download_part_limit: 100,
             },
             launcher: LauncherConfig {
                 nodes_connection_timeout: Duration::from_secs(600),

@@ -33,7 +33,7 @@ use crate::config::{Config, IdentityConfig};
 use crate::engine::wall_clock;
 use crate::engine::{self, StoreSink};
 use crate::executor::UnitExecutor;
-use crate::imagestore::fetch::Fetcher;
+use crate::imagestore::fetch::{DownloadLimits, Fetcher};
 use crate::reconcilers::runner::{Runner, RunnerConfig};
 use crate::store::Store;
 
@@ -635,6 +635,10 @@ impl Daemon {
             tls: link_config.tls.clone(),
             roots_pem: ca.map(String::into_bytes).unwrap_or_default(),
             alerts: Some(local_alerts.clone()),
+            limits: Arc::new(DownloadLimits::new(
+                usize::try_from(config.image_manager.max_concurrent_downloads).unwrap_or(4),
+                config.image_manager.download_part_limit,
+            )),
         };
         let exec = Arc::new(
             UnitExecutor::new(store.clone(), sm.clone(), clock.clone()).with_fetcher(fetcher),

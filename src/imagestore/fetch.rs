@@ -7,7 +7,7 @@
 //! (manifests, image configs, item configs) until the whole image parses, and returns it for
 //! the catalogue; layers are fetched one by one as the images reconciler asks for them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,113 @@ pub struct Fetcher {
     /// Where `downloadProgressAlert`s go (started, every 30 s, interrupted, finished). A full
     /// queue drops the alert rather than holding the download up.
     pub alerts: Option<tokio::sync::mpsc::Sender<AlertItem>>,
+    /// How many blobs download at once and how much space they may take.
+    pub limits: Arc<DownloadLimits>,
+}
+
+/// Size and free space of a filesystem, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub total: u64,
+    pub available: u64,
+}
+
+/// The filesystem holding `path` (statvfs).
+pub fn filesystem_space(path: &Path) -> std::io::Result<Space> {
+    let st = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(Space {
+        total: st.f_blocks.saturating_mul(st.f_frsize),
+        available: st.f_bavail.saturating_mul(st.f_frsize),
+    })
+}
+
+/// The downloader's limits: a number of download slots, and space reserved before each
+/// download so that downloads running at once cannot together fill the partition past
+/// `part_limit` percent.
+pub struct DownloadLimits {
+    slots: tokio::sync::Semaphore,
+    part_limit: u64,
+    reserved: std::sync::Mutex<u64>,
+    probe: fn(&Path) -> std::io::Result<Space>,
+}
+
+impl DownloadLimits {
+    /// `max_concurrent` downloads at once (at least one); downloads may fill the download
+    /// partition up to `part_limit` percent.
+    pub fn new(max_concurrent: usize, part_limit: u64) -> DownloadLimits {
+        DownloadLimits {
+            slots: tokio::sync::Semaphore::new(max_concurrent.max(1)),
+            part_limit: part_limit.min(100),
+            reserved: std::sync::Mutex::new(0),
+            probe: filesystem_space,
+        }
+    }
+
+    /// Measures free space with `probe` instead of the filesystem (tests).
+    pub fn with_probe(mut self, probe: fn(&Path) -> std::io::Result<Space>) -> DownloadLimits {
+        self.probe = probe;
+        self
+    }
+
+    /// Reserves `need` bytes on the filesystem of `dir`; the reservation ends when the guard
+    /// is dropped. Refused, with the figures, when it does not fit under the limit.
+    pub fn reserve(&self, dir: &Path, need: u64) -> Result<Reservation<'_>, String> {
+        let space =
+            (self.probe)(dir).map_err(|e| format!("free space of {}: {e}", dir.display()))?;
+        let used = space.total.saturating_sub(space.available);
+        let allowed = (u128::from(space.total) * u128::from(self.part_limit) / 100)
+            .saturating_sub(u128::from(used));
+        let allowed = u64::try_from(allowed)
+            .unwrap_or(u64::MAX)
+            .min(space.available);
+        let mut reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reserved.saturating_add(need) > allowed {
+            return Err(format!(
+                "not enough space in {}: the download needs {need} bytes, {} are free within downloadPartLimit {}% ({} reserved by other downloads)",
+                dir.display(),
+                allowed,
+                self.part_limit,
+                *reserved
+            ));
+        }
+        *reserved += need;
+        Ok(Reservation { limits: self, need })
+    }
+
+    /// Bytes reserved by downloads in progress.
+    pub fn reserved(&self) -> u64 {
+        *self
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Default for DownloadLimits {
+    /// Upstream's downloader: 4 at once, up to 100 % of the partition.
+    fn default() -> Self {
+        DownloadLimits::new(4, 100)
+    }
+}
+
+/// Space held for one download; given back on drop.
+pub struct Reservation<'a> {
+    limits: &'a DownloadLimits,
+    need: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self
+            .limits
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *reserved = reserved.saturating_sub(self.need);
+    }
 }
 
 fn progress_alert(
@@ -139,6 +246,21 @@ impl Fetcher {
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
         let partial = self.download_path.join(digest.hex());
+        // One of the download slots, then room for the rest of the download and the stored copy.
+        let _slot = self
+            .limits
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| "the downloader is closed".to_owned())?;
+        let have = tokio::fs::metadata(&partial)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let _space = self.limits.reserve(
+            &self.download_path,
+            info.size.saturating_sub(have).saturating_add(info.size),
+        )?;
         let opts = DownloadOptions {
             tls: self.tls.clone(),
             expected_size: (info.size > 0).then_some(info.size),
@@ -293,5 +415,72 @@ impl Fetcher {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(format!("deleting blob {digest}: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thousand_bytes_with_four_hundred_free(_: &Path) -> std::io::Result<Space> {
+        Ok(Space {
+            total: 1000,
+            available: 400,
+        })
+    }
+
+    #[test]
+    fn space_is_reserved_until_the_guard_is_dropped() {
+        let limits = DownloadLimits::new(2, 100).with_probe(thousand_bytes_with_four_hundred_free);
+        let dir = Path::new("/downloads");
+        let first = limits.reserve(dir, 300).expect("fits");
+        assert_eq!(limits.reserved(), 300);
+        let err = limits
+            .reserve(dir, 200)
+            .err()
+            .expect("does not fit beside the first");
+        assert!(
+            err.contains("needs 200 bytes, 400 are free") && err.contains("300 reserved"),
+            "{err}"
+        );
+        drop(first);
+        assert_eq!(limits.reserved(), 0);
+        assert!(limits.reserve(dir, 400).is_ok());
+    }
+
+    #[test]
+    fn the_partition_limit_counts_what_is_already_used() {
+        // 600 of 1000 bytes are used: at 80 % only 200 more may be filled, at 50 % none.
+        let limits = DownloadLimits::new(1, 80).with_probe(thousand_bytes_with_four_hundred_free);
+        let dir = Path::new("/downloads");
+        assert!(limits.reserve(dir, 200).is_ok());
+        let err = limits.reserve(dir, 201).err().expect("over the limit");
+        assert!(err.contains("downloadPartLimit 80%"), "{err}");
+        let limits = DownloadLimits::new(1, 50).with_probe(thousand_bytes_with_four_hundred_free);
+        assert!(limits.reserve(dir, 1).is_err());
+        assert!(limits.reserve(dir, 0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn downloads_beyond_the_slots_wait() {
+        let limits = DownloadLimits::new(2, 100);
+        let a = limits.slots.acquire().await.expect("slot");
+        let _b = limits.slots.acquire().await.expect("slot");
+        assert!(
+            limits.slots.try_acquire().is_err(),
+            "a third download must wait"
+        );
+        drop(a);
+        assert!(limits.slots.try_acquire().is_ok());
+    }
+
+    #[test]
+    fn the_real_filesystem_reports_its_space() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let space = filesystem_space(dir.path()).expect("statvfs");
+        assert!(
+            space.total > 0 && space.available <= space.total,
+            "{space:?}"
+        );
     }
 }

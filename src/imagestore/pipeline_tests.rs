@@ -47,6 +47,11 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    /// [`Harness::start`] with the daemon's config changed by `patch`.
+    async fn start_with(patch: impl FnOnce(&mut Value)) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let sc = scenario::load(&example()).expect("example");
         let layer = sc
@@ -74,7 +79,7 @@ impl Harness {
         options.blob_dir = Some(example().join("blobs"));
         let cloud = SimCloud::start(options).await.expect("cloud");
         let d = dir.path();
-        let config = json!({
+        let mut config = json!({
             "workingDir": d,
             "caCert": d.join("ca.pem"),
             "serviceDiscoveryUrl": cloud.discovery_url(),
@@ -89,6 +94,7 @@ impl Harness {
                 "nodesFile": example().join("nodes.json"),
             }
         });
+        patch(&mut config);
         let (config, _) =
             crate::config::Config::from_json_str(&config.to_string(), "test.cfg").expect("config");
         let daemon = Daemon::start(&config, unit::quick_runner())
@@ -396,4 +402,22 @@ async fn an_expired_signer_fails_the_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_aes_key_fails_the_item() {
     tampered(Tamper::WrongKey).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_room_under_the_partition_limit_nothing_is_downloaded() {
+    let h = Harness::start_with(|c| c["imageManager"]["downloadPartLimit"] = json!(0)).await;
+    h.cloud.send_data(h.desired()).expect("session");
+    let message = h.wait_item("failed").await;
+    assert!(
+        message.contains("not enough space") && message.contains("downloadPartLimit 0%"),
+        "{message}"
+    );
+    assert!(!h.stored() && !h.installed());
+    assert!(h.leftovers().is_empty(), "{:?}", h.leftovers());
+    let stored = std::fs::read_dir(h.path("install/blobs/sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(stored, 0, "blobs were stored without room for them");
+    assert!(h.daemon.shutdown(Duration::from_secs(4)).await);
 }

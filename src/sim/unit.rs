@@ -172,6 +172,7 @@ impl SimUnit {
                 tls: None,
                 roots_pem: Vec::new(),
                 alerts: Some(alerts_tx),
+                limits: Default::default(),
             });
             link_parts = Some((handle, link_runner, c.agent, alerts_rx));
         }
