@@ -111,6 +111,7 @@ fn progress_for(n: u64) -> UpdateProgress {
     UpdateProgress {
         state: "DOWNLOADING".to_string(),
         correlation_id: Some(n.to_string()),
+        ..UpdateProgress::default()
     }
 }
 

@@ -246,6 +246,7 @@ fn full_snapshot() -> Snapshot {
         update_item_ttl_ms: 1234,
         uid_first: 6000,
         uid_end: 7000,
+        ..PlanSettings::default()
     };
     s
 }
@@ -277,6 +278,7 @@ fn every_table_round_trips_through_typed_setters() {
     let progress = UpdateProgress {
         state: "DOWNLOADING".to_string(),
         correlation_id: Some("corr-1".to_string()),
+        ..UpdateProgress::default()
     };
     store
         .write(|tx| {
@@ -498,6 +500,7 @@ fn notifications_name_exactly_the_changed_tables() {
             tx.set_update_progress(&UpdateProgress {
                 state: "NO_UPDATE".to_string(),
                 correlation_id: None,
+                ..UpdateProgress::default()
             })
         })
         .unwrap();
