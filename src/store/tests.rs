@@ -268,7 +268,7 @@ fn drain(rx: &mut UnboundedReceiver<Vec<&'static str>>) -> Vec<Vec<&'static str>
 #[test]
 fn every_table_round_trips_through_typed_setters() {
     let (_dir, store) = open_temp();
-    let want = full_snapshot();
+    let mut want = full_snapshot();
     let cond = Condition {
         object: "instance svc/a/subj/0".to_string(),
         reason: "NoNode".to_string(),
@@ -280,6 +280,7 @@ fn every_table_round_trips_through_typed_setters() {
         correlation_id: Some("corr-1".to_string()),
         ..UpdateProgress::default()
     };
+    want.progress = progress.clone();
     store
         .write(|tx| {
             tx.set_desired(want.desired.as_ref())?;
