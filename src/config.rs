@@ -2043,7 +2043,7 @@ mod tests {
                 merged_migration_path: "/var/aos/workdirs/cm/migration".into(),
             },
             identity: None,
-            update_scheduler_url: String::new(),
+            update_scheduler_url: "localhost:8095".into(),
             update_scheduler: UpdateSchedules::default(),
         };
         assert_eq!(*config, expected);

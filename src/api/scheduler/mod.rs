@@ -22,6 +22,18 @@ use tokio::sync::broadcast;
 /// How long to wait before reading the store again after it failed.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Stores the configured policies in the plan settings, where the gate reads them.
+pub fn apply_policies(store: &Store, schedules: &UpdateSchedules) -> Result<(), StoreError> {
+    store.write(|tx| {
+        let mut settings = tx.settings()?;
+        if settings.update_schedules != *schedules {
+            settings.update_schedules = schedules.clone();
+            tx.set_settings(&settings)?;
+        }
+        Ok(())
+    })
+}
+
 /// The status of both kinds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Statuses {
