@@ -642,7 +642,9 @@ fn update_scheduler(ctx: &mut Ctx, top: &Fields<'_>) -> UpdateSchedules {
 fn kind_schedule(ctx: &mut Ctx, node: Option<&Node>, path: &'static str) -> KindSchedule {
     let fields = match node {
         None => return KindSchedule::default(),
-        Some(Node::Object(entries)) => Fields::resolve(ctx, Some(path), entries, KIND_SCHEDULE_KEYS),
+        Some(Node::Object(entries)) => {
+            Fields::resolve(ctx, Some(path), entries, KIND_SCHEDULE_KEYS)
+        }
         Some(other) => {
             ctx.issue(
                 path.to_string(),
@@ -720,7 +722,9 @@ fn timetable_day(ctx: &mut Ctx, node: &Node, path: &str) -> Option<TimetableDay>
     };
     warn_unknown(ctx, entries, TIMETABLE_KEYS, path);
     let day = match entry(entries, "dayOfWeek") {
-        Some(Node::Scalar(Value::Number(n))) if n.as_u64().is_some_and(|d| (1..=7).contains(&d)) => {
+        Some(Node::Scalar(Value::Number(n)))
+            if n.as_u64().is_some_and(|d| (1..=7).contains(&d)) =>
+        {
             n.as_u64().and_then(|d| u8::try_from(d).ok())
         }
         Some(other) => {

@@ -37,14 +37,7 @@ pub fn wall_clock() -> Clock {
 pub fn watches(kind: ReconcilerKind) -> Vec<&'static str> {
     use tables::*;
     match kind {
-        ReconcilerKind::Images => vec![
-            DESIRED,
-            ITEMS,
-            BLOBS,
-            CATALOGUE,
-            SETTINGS,
-            UPDATE_PROGRESS,
-        ],
+        ReconcilerKind::Images => vec![DESIRED, ITEMS, BLOBS, CATALOGUE, SETTINGS, UPDATE_PROGRESS],
         ReconcilerKind::Instances => vec![
             DESIRED,
             NODES,
@@ -67,7 +60,14 @@ pub fn watches(kind: ReconcilerKind) -> Vec<&'static str> {
             HOST_ROUTES,
         ],
         ReconcilerKind::UnitConfig => {
-            vec![DESIRED, NODES, UNIT_CONFIG, ITEMS, SETTINGS, UPDATE_PROGRESS]
+            vec![
+                DESIRED,
+                NODES,
+                UNIT_CONFIG,
+                ITEMS,
+                SETTINGS,
+                UPDATE_PROGRESS,
+            ]
         }
         ReconcilerKind::Firmware => vec![
             DESIRED,

@@ -49,7 +49,9 @@ async fn serve_scheduler(
 }
 
 /// The next notification, as (kind, state, the message).
-async fn next(stream: &mut Streaming<pb::SchedulerNotifications>) -> (UpdateKind, i32, SchedulerNotification) {
+async fn next(
+    stream: &mut Streaming<pb::SchedulerNotifications>,
+) -> (UpdateKind, i32, SchedulerNotification) {
     // With paused time there is no timeout: tokio would jump to it while a message is on
     // its way through the loopback socket.
     let message = if tokio::runtime::Handle::current().runtime_flavor()
@@ -180,10 +182,9 @@ async fn trigger_policy_downloads_then_waits_for_start_per_kind() {
         store.write(|tx| tx.set_snapshot(&snap)).unwrap();
         scheduler::apply_policies(&store, &trigger_both()).unwrap();
     }
-    let frame: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(scenario_dir.join("desired.json")).unwrap(),
-    )
-    .unwrap();
+    let frame: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(scenario_dir.join("desired.json")).unwrap())
+            .unwrap();
     let system_id = frame["header"]["systemId"].as_str().unwrap().to_owned();
     let mut options = CloudOptions::new(&system_id);
     options.blob_dir = Some(scenario_dir.join("blobs"));
@@ -210,7 +211,11 @@ async fn trigger_policy_downloads_then_waits_for_start_per_kind() {
     .unwrap();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let (mut client, _) = serve_scheduler(u.store.clone(), unit::wall_clock(), stop_rx).await;
-    let mut stream = client.subscribe_notifications(()).await.unwrap().into_inner();
+    let mut stream = client
+        .subscribe_notifications(())
+        .await
+        .unwrap()
+        .into_inner();
 
     // On subscribe: FOTA first, then SOTA; nothing to update yet.
     let (k1, s1, _) = next(&mut stream).await;
@@ -224,7 +229,11 @@ async fn trigger_policy_downloads_then_waits_for_start_per_kind() {
 
     let mut sims: Vec<SimSm> = Vec::new();
     for (node, info) in &sms {
-        sims.push(u.sim(node, info.clone(), SimOptions::default()).await.unwrap());
+        sims.push(
+            u.sim(node, info.clone(), SimOptions::default())
+                .await
+                .unwrap(),
+        );
     }
     if let Some((link, _)) = &u.cloud {
         link.state().wait_for(|s| s.connected).await.unwrap();
@@ -239,8 +248,16 @@ async fn trigger_policy_downloads_then_waits_for_start_per_kind() {
     assert_eq!(seen.sota, ["NO_UPDATE", "DOWNLOADING", "READY_TO_UPDATE"]);
     assert_eq!(seen.fota, ["NO_UPDATE", "DOWNLOADING", "READY_TO_UPDATE"]);
     let snap = u.store.snapshot().unwrap();
-    assert!(untouched(&snap, UpdateKind::Sota), "{:?}", snap.observed.items);
-    assert!(untouched(&snap, UpdateKind::Fota), "{:?}", snap.observed.items);
+    assert!(
+        untouched(&snap, UpdateKind::Sota),
+        "{:?}",
+        snap.observed.items
+    );
+    assert!(
+        untouched(&snap, UpdateKind::Fota),
+        "{:?}",
+        snap.observed.items
+    );
     let plan = plan_one(ReconcilerKind::Instances, &snap, unit::wall_clock()());
     assert!(plan.actions.is_empty(), "{:?}", plan.actions);
     assert!(
@@ -264,15 +281,30 @@ async fn trigger_policy_downloads_then_waits_for_start_per_kind() {
         .collect();
     services.sort_unstable();
     assert_eq!(services.len(), 3, "{services:?}");
-    assert_eq!(status.install_layers.len(), 1, "{:?}", status.install_layers);
+    assert_eq!(
+        status.install_layers.len(),
+        1,
+        "{:?}",
+        status.install_layers
+    );
     until(&mut stream, &mut seen, UpdateKind::Sota, "NO_UPDATE").await;
     assert_eq!(
         seen.sota,
-        ["NO_UPDATE", "DOWNLOADING", "READY_TO_UPDATE", "UPDATING", "NO_UPDATE"]
+        [
+            "NO_UPDATE",
+            "DOWNLOADING",
+            "READY_TO_UPDATE",
+            "UPDATING",
+            "NO_UPDATE"
+        ]
     );
     let snap = u.store.snapshot().unwrap();
     assert!(!untouched(&snap, UpdateKind::Sota));
-    assert!(untouched(&snap, UpdateKind::Fota), "{:?}", snap.observed.items);
+    assert!(
+        untouched(&snap, UpdateKind::Fota),
+        "{:?}",
+        snap.observed.items
+    );
     assert_eq!(seen.fota, ["NO_UPDATE", "DOWNLOADING", "READY_TO_UPDATE"]);
     assert_nothing_ready(client.start_sota_update(()).await.unwrap_err());
 
@@ -286,7 +318,13 @@ async fn trigger_policy_downloads_then_waits_for_start_per_kind() {
     until(&mut stream, &mut seen, UpdateKind::Fota, "NO_UPDATE").await;
     assert_eq!(
         seen.fota,
-        ["NO_UPDATE", "DOWNLOADING", "READY_TO_UPDATE", "UPDATING", "NO_UPDATE"]
+        [
+            "NO_UPDATE",
+            "DOWNLOADING",
+            "READY_TO_UPDATE",
+            "UPDATING",
+            "NO_UPDATE"
+        ]
     );
     let snap = u.store.snapshot().unwrap();
     assert!(!untouched(&snap, UpdateKind::Fota));
@@ -310,7 +348,10 @@ fn paused_clock(offset: i64) -> Clock {
     Arc::new(move || MONDAY + offset + i64::try_from(start.elapsed().as_millis()).unwrap())
 }
 
-fn store_with(desired: DesiredState, schedules: &UpdateSchedules) -> (tempfile::TempDir, Arc<Store>) {
+fn store_with(
+    desired: DesiredState,
+    schedules: &UpdateSchedules,
+) -> (tempfile::TempDir, Arc<Store>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("cm.redb")).unwrap());
     store.write(|tx| tx.set_desired(Some(&desired))).unwrap();
@@ -352,13 +393,20 @@ async fn timetable_opens_at_the_slot() {
     let clock = paused_clock(0);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let (mut client, _) = serve_scheduler(store.clone(), clock.clone(), stop_rx).await;
-    let mut stream = client.subscribe_notifications(()).await.unwrap().into_inner();
+    let mut stream = client
+        .subscribe_notifications(())
+        .await
+        .unwrap()
+        .into_inner();
     let mut seen = Seen::default();
     let ready = until(&mut stream, &mut seen, UpdateKind::Sota, "READY_TO_UPDATE").await;
     let SchedulerNotification::SotaStatus(ready) = ready else {
         panic!("a SOTA status");
     };
-    assert_eq!(ready.unit_config.map(|u| u.version).as_deref(), Some("2.0.0"));
+    assert_eq!(
+        ready.unit_config.map(|u| u.version).as_deref(),
+        Some("2.0.0")
+    );
     // Before the slot the plan holds the install back and names the slot.
     let mut snap = store.snapshot().unwrap();
     snap.progress.sota.approved = None;
@@ -398,7 +446,10 @@ async fn timetable_opens_at_the_slot() {
         .unwrap();
     until(&mut stream, &mut seen, UpdateKind::Sota, "NO_UPDATE").await;
     assert_eq!(seen.sota.last(), Some(&"NO_UPDATE"));
-    assert!(seen.sota.ends_with(&["READY_TO_UPDATE", "UPDATING", "NO_UPDATE"]));
+    assert!(
+        seen.sota
+            .ends_with(&["READY_TO_UPDATE", "UPDATING", "NO_UPDATE"])
+    );
     assert_eq!(seen.fota, ["NO_UPDATE"]);
     let _ = stop.send(true);
 }
@@ -474,7 +525,11 @@ async fn instances_activating_ten_minutes_after_the_last_change_fail_the_update(
         failed_at - started
     );
     // A client subscribing now gets the failure over the wire.
-    let mut stream = client.subscribe_notifications(()).await.unwrap().into_inner();
+    let mut stream = client
+        .subscribe_notifications(())
+        .await
+        .unwrap()
+        .into_inner();
     let (_, _, fota) = next(&mut stream).await;
     assert!(matches!(fota, SchedulerNotification::FotaStatus(f) if f.error.is_none()));
     let (_, _, sota) = next(&mut stream).await;
@@ -483,11 +538,16 @@ async fn instances_activating_ten_minutes_after_the_last_change_fail_the_update(
     };
     assert_eq!(name(status.state), "NO_UPDATE");
     let error = status.error.expect("the update failed");
-    assert!(error.message.contains("still activating"), "{}", error.message);
+    assert!(
+        error.message.contains("still activating"),
+        "{}",
+        error.message
+    );
     assert!(error.message.contains("svc"), "{}", error.message);
     // The first status may already be UPDATING (the task ran before the subscription).
     assert!(
-        seen.sota == ["UPDATING", "NO_UPDATE"] || seen.sota == ["NO_UPDATE", "UPDATING", "NO_UPDATE"],
+        seen.sota == ["UPDATING", "NO_UPDATE"]
+            || seen.sota == ["NO_UPDATE", "UPDATING", "NO_UPDATE"],
         "{:?}",
         seen.sota
     );

@@ -216,7 +216,10 @@ mod tests {
     fn slots(day: u8, s: &[(u32, u32)]) -> TimetableDay {
         TimetableDay {
             day_of_week: day,
-            slots: s.iter().map(|&(start, end)| TimeSlot { start, end }).collect(),
+            slots: s
+                .iter()
+                .map(|&(start, end)| TimeSlot { start, end })
+                .collect(),
         }
     }
 

@@ -56,7 +56,10 @@ pub fn action_kind(action: &Action, snap: &Snapshot) -> Option<UpdateKind> {
             snap.observed
                 .items
                 .get(&(item_id.clone(), version.clone()))
-                .map_or_else(|| kind_of_item_id(snap, item_id), |s| kind_of_item(s.item_type)),
+                .map_or_else(
+                    || kind_of_item_id(snap, item_id),
+                    |s| kind_of_item(s.item_type),
+                ),
         ),
         Action::StartInstance(s) => Some(kind_of_item(s.item_type)),
         Action::StopInstance { ident, .. } => Some(kind_of_item_id(snap, &ident.item_id)),
@@ -165,8 +168,7 @@ pub fn apply_gate(mut plan: Plan, snap: &Snapshot, now: UnixMillis) -> Plan {
         if held > 0 {
             let g = gate(snap, kind, now);
             if g != Gate::Open {
-                plan.actions
-                    .retain(|a| action_kind(a, snap) != Some(kind));
+                plan.actions.retain(|a| action_kind(a, snap) != Some(kind));
                 let (reason, message) = match g {
                     Gate::WaitingForStart => (
                         "WaitingForStart",
@@ -300,7 +302,11 @@ fn fill_lists(snap: &Snapshot, desired: &DesiredState, kind: UpdateKind, st: &mu
             .iter()
             .any(|i| i.id == id && i.version == version)
     };
-    for item in desired.items.iter().filter(|i| kind_of_item(i.item_type) == kind) {
+    for item in desired
+        .items
+        .iter()
+        .filter(|i| kind_of_item(i.item_type) == kind)
+    {
         if installed(snap, &item.id, &item.version) {
             continue;
         }

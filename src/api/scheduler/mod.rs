@@ -60,7 +60,10 @@ pub struct StatusChange {
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     #[error("nothing is ready to update: the {kind} update is {state}")]
-    NotReady { kind: UpdateKind, state: UpdateState },
+    NotReady {
+        kind: UpdateKind,
+        state: UpdateState,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -202,10 +205,7 @@ impl Scheduler {
                 }
             }
         }
-        progress.state = format!(
-            "sota {}, fota {}",
-            statuses.sota.state, statuses.fota.state
-        );
+        progress.state = format!("sota {}, fota {}", statuses.sota.state, statuses.fota.state);
         if progress != snap.progress {
             // The commit wakes the next pass, which publishes from the settled record.
             self.store.write(|tx| tx.set_update_progress(&progress))?;

@@ -56,7 +56,10 @@ fn auto_goes_straight_to_updating() {
 #[test]
 fn trigger_holds_sota_until_approved() {
     let mut s = snap(UpdatePolicy::Trigger);
-    assert_eq!(status(&s, UpdateKind::Sota, 0).state, UpdateState::ReadyToUpdate);
+    assert_eq!(
+        status(&s, UpdateKind::Sota, 0).state,
+        UpdateState::ReadyToUpdate
+    );
     let plan = plan_one(ReconcilerKind::UnitConfig, &s, 0);
     assert!(plan.actions.is_empty());
     assert_eq!(plan.conditions.len(), 1);
@@ -91,8 +94,15 @@ fn a_new_desired_state_needs_a_new_start() {
     approve(&mut s, UpdateKind::Sota);
     assert_eq!(status(&s, UpdateKind::Sota, 0).state, UpdateState::Updating);
     s.desired.as_mut().unwrap().unit_config = Some(unit_config("2.0.0"));
-    assert_eq!(status(&s, UpdateKind::Sota, 0).state, UpdateState::ReadyToUpdate);
-    assert!(plan_one(ReconcilerKind::UnitConfig, &s, 0).actions.is_empty());
+    assert_eq!(
+        status(&s, UpdateKind::Sota, 0).state,
+        UpdateState::ReadyToUpdate
+    );
+    assert!(
+        plan_one(ReconcilerKind::UnitConfig, &s, 0)
+            .actions
+            .is_empty()
+    );
 }
 
 #[test]
@@ -106,11 +116,17 @@ fn fota_downloads_then_waits_independently() {
     );
     // Downloads are never held.
     let plan = plan_one(ReconcilerKind::Images, &s, 0);
-    assert!(matches!(plan.actions.as_slice(), [Action::DownloadBlob { .. }]));
+    assert!(matches!(
+        plan.actions.as_slice(),
+        [Action::DownloadBlob { .. }]
+    ));
     // The component changes nothing of SOTA's fingerprint.
     assert_eq!(
         fingerprint(s.desired.as_ref().unwrap(), UpdateKind::Sota),
-        fingerprint(snap(UpdatePolicy::Trigger).desired.as_ref().unwrap(), UpdateKind::Sota)
+        fingerprint(
+            snap(UpdatePolicy::Trigger).desired.as_ref().unwrap(),
+            UpdateKind::Sota
+        )
     );
 }
 
@@ -133,9 +149,7 @@ fn timetable_waits_for_the_slot_and_names_it() {
     assert!(plan.actions.is_empty());
     assert_eq!(plan.conditions[0].reason, "WaitingForUpdateWindow");
     assert!(
-        plan.conditions[0]
-            .message
-            .contains("1970-01-01T01:00:00Z"),
+        plan.conditions[0].message.contains("1970-01-01T01:00:00Z"),
         "{}",
         plan.conditions[0].message
     );
@@ -175,8 +189,14 @@ fn activation_overdue_after_ten_minutes_without_change() {
             preinstalled: false,
         },
     );
-    assert_eq!(activation_overdue(&s, UpdateKind::Sota, 1000, 1000 + ACTIVATION_TIMEOUT_MS - 1), None);
+    assert_eq!(
+        activation_overdue(&s, UpdateKind::Sota, 1000, 1000 + ACTIVATION_TIMEOUT_MS - 1),
+        None
+    );
     let err = activation_overdue(&s, UpdateKind::Sota, 1000, 1000 + ACTIVATION_TIMEOUT_MS).unwrap();
     assert!(err.contains("svc"), "{err}");
-    assert_eq!(activation_overdue(&s, UpdateKind::Fota, 0, ACTIVATION_TIMEOUT_MS), None);
+    assert_eq!(
+        activation_overdue(&s, UpdateKind::Fota, 0, ACTIVATION_TIMEOUT_MS),
+        None
+    );
 }
