@@ -2047,7 +2047,7 @@ mod tests {
                 merged_migration_path: "/var/aos/workdirs/cm/migration".into(),
             },
             identity: None,
-            update_scheduler_url: "localhost:8095".into(),
+            update_scheduler_url: String::new(),
             update_scheduler: UpdateSchedules::default(),
         };
         assert_eq!(*config, expected);
@@ -2096,8 +2096,11 @@ mod tests {
         let dir = TempDir::new();
         let path = dir.0.join("aos_cm.cfg");
         std::fs::write(&path, SAMPLE).unwrap();
-        let (config, warnings) = Config::load(&path).unwrap();
+        let (mut config, warnings) = Config::load(&path).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
+        // Our own key beside upstream's.
+        assert_eq!(config.update_scheduler_url, "localhost:8095");
+        config.update_scheduler_url.clear();
         check_upstream_sample(&config);
 
         let value: Value = serde_json::from_str(SAMPLE).unwrap();

@@ -104,6 +104,7 @@ fn snapshot_for(n: u64) -> Snapshot {
             sm_hosts: Default::default(),
         },
     );
+    s.progress = progress_for(n);
     s
 }
 
