@@ -562,3 +562,66 @@ async fn instances_activating_ten_minutes_after_the_last_change_fail_the_update(
     );
     let _ = stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_survives_a_restart_and_a_new_desired_state_needs_a_new_start() {
+    let (_dir, store) = store_with(
+        DesiredState {
+            unit_config: Some(unit_config("2.0.0")),
+            ..DesiredState::default()
+        },
+        &trigger_both(),
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (mut client, _) = serve_scheduler(store.clone(), unit::wall_clock(), stop_rx).await;
+    let mut stream = client.subscribe_notifications(()).await.unwrap().into_inner();
+    let mut seen = Seen::default();
+    until(&mut stream, &mut seen, UpdateKind::Sota, "READY_TO_UPDATE").await;
+    client.start_sota_update(()).await.unwrap();
+    until(&mut stream, &mut seen, UpdateKind::Sota, "UPDATING").await;
+    assert_eq!(seen.sota, ["READY_TO_UPDATE", "UPDATING"]);
+    let _ = stop.send(true);
+    drop(stream);
+
+    // A new scheduler on the same store: the approval held, the install may go on.
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (mut client, _) = serve_scheduler(store.clone(), unit::wall_clock(), stop_rx).await;
+    let mut stream = client.subscribe_notifications(()).await.unwrap().into_inner();
+    let (_, fota, _) = next(&mut stream).await;
+    let (_, sota, _) = next(&mut stream).await;
+    assert_eq!((name(fota), name(sota)), ("NO_UPDATE", "UPDATING"));
+    let snap = store.snapshot().unwrap();
+    assert_eq!(
+        plan_one(ReconcilerKind::UnitConfig, &snap, unit::wall_clock()())
+            .actions
+            .len(),
+        1
+    );
+
+    // A different desired state before the install: ready again, and waiting for a start.
+    store
+        .write(|tx| {
+            tx.set_desired(Some(&DesiredState {
+                unit_config: Some(unit_config("3.0.0")),
+                ..DesiredState::default()
+            }))
+        })
+        .unwrap();
+    let mut seen = Seen::default();
+    seen.push(UpdateKind::Sota, sota);
+    let ready = until(&mut stream, &mut seen, UpdateKind::Sota, "READY_TO_UPDATE").await;
+    assert_eq!(seen.sota, ["UPDATING", "READY_TO_UPDATE"]);
+    let SchedulerNotification::SotaStatus(ready) = ready else {
+        panic!("a SOTA status");
+    };
+    assert_eq!(ready.unit_config.map(|u| u.version).as_deref(), Some("3.0.0"));
+    let snap = store.snapshot().unwrap();
+    assert!(
+        plan_one(ReconcilerKind::UnitConfig, &snap, unit::wall_clock()())
+            .actions
+            .is_empty()
+    );
+    client.start_sota_update(()).await.unwrap();
+    until(&mut stream, &mut seen, UpdateKind::Sota, "UPDATING").await;
+    let _ = stop.send(true);
+}

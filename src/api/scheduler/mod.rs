@@ -83,12 +83,18 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// The first statuses come from the store at once, so that a client subscribing right
+    /// after a restart sees where the updates stood, not NO_UPDATE.
     pub fn new(store: Arc<Store>, clock: Clock) -> Arc<Scheduler> {
         let (changes, _) = broadcast::channel(64);
+        let current = store
+            .snapshot()
+            .map(|snap| Self::statuses_of(&snap, clock()))
+            .unwrap_or_default();
         Arc::new(Scheduler {
             store,
             clock,
-            current: Mutex::new(Statuses::default()),
+            current: Mutex::new(current),
             changes,
         })
     }
