@@ -574,7 +574,11 @@ async fn an_approval_survives_a_restart_and_a_new_desired_state_needs_a_new_star
     );
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let (mut client, _) = serve_scheduler(store.clone(), unit::wall_clock(), stop_rx).await;
-    let mut stream = client.subscribe_notifications(()).await.unwrap().into_inner();
+    let mut stream = client
+        .subscribe_notifications(())
+        .await
+        .unwrap()
+        .into_inner();
     let mut seen = Seen::default();
     until(&mut stream, &mut seen, UpdateKind::Sota, "READY_TO_UPDATE").await;
     client.start_sota_update(()).await.unwrap();
@@ -586,7 +590,11 @@ async fn an_approval_survives_a_restart_and_a_new_desired_state_needs_a_new_star
     // A new scheduler on the same store: the approval held, the install may go on.
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let (mut client, _) = serve_scheduler(store.clone(), unit::wall_clock(), stop_rx).await;
-    let mut stream = client.subscribe_notifications(()).await.unwrap().into_inner();
+    let mut stream = client
+        .subscribe_notifications(())
+        .await
+        .unwrap()
+        .into_inner();
     let (_, fota, _) = next(&mut stream).await;
     let (_, sota, _) = next(&mut stream).await;
     assert_eq!((name(fota), name(sota)), ("NO_UPDATE", "UPDATING"));
@@ -614,7 +622,10 @@ async fn an_approval_survives_a_restart_and_a_new_desired_state_needs_a_new_star
     let SchedulerNotification::SotaStatus(ready) = ready else {
         panic!("a SOTA status");
     };
-    assert_eq!(ready.unit_config.map(|u| u.version).as_deref(), Some("3.0.0"));
+    assert_eq!(
+        ready.unit_config.map(|u| u.version).as_deref(),
+        Some("3.0.0")
+    );
     let snap = store.snapshot().unwrap();
     assert!(
         plan_one(ReconcilerKind::UnitConfig, &snap, unit::wall_clock()())
