@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/servicemanager/v5/servicemanager.proto",
         "proto/servicemanager/v5/network.proto",
         "proto/iamanager/v6/iamanager.proto",
+        "proto/common/v1/common.proto",
+        "proto/communicationmanager/v3/updatescheduler.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::api::journal::{JournalAlertsConfig, JournalConfigError};
+use crate::model::{KindSchedule, TimeSlot, TimetableDay, UpdatePolicy, UpdateSchedules};
 
 const DEFAULT_CERT_STORAGE: &str = "/var/aos/crypt/cm/";
 const DEFAULT_DNS_STORAGE_PATH: &str = "/var/aos/dns";
@@ -52,6 +53,8 @@ const TOP_KEYS: &[&str] = &[
     "launcher",
     "migration",
     "identity",
+    "updateSchedulerUrl",
+    "updateScheduler",
 ];
 const IDENTITY_KEYS: &[&str] = &[
     "systemId",
@@ -81,6 +84,10 @@ const LAUNCHER_KEYS: &[&str] = &[
     "checkOverrideEnvVarsPeriod",
 ];
 const MIGRATION_KEYS: &[&str] = &["migrationPath", "mergedMigrationPath"];
+const UPDATE_SCHEDULER_KEYS: &[&str] = &["sota", "fota"];
+const KIND_SCHEDULE_KEYS: &[&str] = &["policy", "timetable"];
+const TIMETABLE_KEYS: &[&str] = &["dayOfWeek", "timeSlots"];
+const TIME_SLOT_KEYS: &[&str] = &["start", "end"];
 
 /// `monitoring` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +262,11 @@ pub struct Config {
     pub migration: MigrationConfig,
     /// Static identity; `None` = from IAM.
     pub identity: Option<IdentityConfig>,
+    /// Where the update scheduler gRPC service (`communicationmanager.v3`) listens; empty =
+    /// not served. Our own key: upstream served it on `cmServerUrl`, which is our SM server.
+    pub update_scheduler_url: String,
+    /// `updateScheduler`: when a downloaded update may change the running unit, per kind.
+    pub update_scheduler: UpdateSchedules,
 }
 
 impl Default for Config {
@@ -339,6 +351,8 @@ impl Config {
             launcher: LauncherConfig::default(),
             migration: MigrationConfig::defaults(working_dir),
             identity: None,
+            update_scheduler_url: String::new(),
+            update_scheduler: UpdateSchedules::default(),
         }
     }
 
@@ -655,6 +669,206 @@ fn journal_alerts(ctx: &mut Ctx, alerts: &Fields<'_>) -> Option<JournalAlertsCon
     }
 }
 
+/// `updateScheduler`: the policy of each kind of update (`auto` when absent).
+fn update_scheduler(ctx: &mut Ctx, top: &Fields<'_>) -> UpdateSchedules {
+    let section = top.section(ctx, "updateScheduler", UPDATE_SCHEDULER_KEYS);
+    UpdateSchedules {
+        sota: kind_schedule(ctx, section.get("sota"), "updateScheduler.sota"),
+        fota: kind_schedule(ctx, section.get("fota"), "updateScheduler.fota"),
+    }
+}
+
+fn kind_schedule(ctx: &mut Ctx, node: Option<&Node>, path: &'static str) -> KindSchedule {
+    let fields = match node {
+        None => return KindSchedule::default(),
+        Some(Node::Object(entries)) => {
+            Fields::resolve(ctx, Some(path), entries, KIND_SCHEDULE_KEYS)
+        }
+        Some(other) => {
+            ctx.issue(
+                path.to_string(),
+                format!("expected an object, found {}", other.describe()),
+            );
+            return KindSchedule::default();
+        }
+    };
+    let policy = match fields.string(ctx, "policy") {
+        None => UpdatePolicy::Auto,
+        Some(s) => match s.to_ascii_lowercase().as_str() {
+            "auto" => UpdatePolicy::Auto,
+            "trigger" => UpdatePolicy::Trigger,
+            "timetable" => UpdatePolicy::Timetable,
+            _ => {
+                ctx.issue(
+                    format!("{path}.policy"),
+                    format!("expected one of \"auto\", \"trigger\", \"timetable\", found {s:?}"),
+                );
+                UpdatePolicy::Auto
+            }
+        },
+    };
+    let timetable = match fields.get("timetable") {
+        None => Vec::new(),
+        Some(Node::Array(days)) => days
+            .iter()
+            .enumerate()
+            .filter_map(|(i, day)| timetable_day(ctx, day, &format!("{path}.timetable[{i}]")))
+            .collect(),
+        Some(other) => {
+            ctx.issue(
+                format!("{path}.timetable"),
+                format!("expected an array, found {}", other.describe()),
+            );
+            Vec::new()
+        }
+    };
+    if policy == UpdatePolicy::Timetable && timetable.iter().all(|d| d.slots.is_empty()) {
+        ctx.issue(
+            format!("{path}.timetable"),
+            "policy \"timetable\" needs at least one time slot".to_string(),
+        );
+    }
+    KindSchedule { policy, timetable }
+}
+
+/// Warns about the keys of an array entry that are not `known` (any case).
+fn warn_unknown(ctx: &mut Ctx, entries: &[(String, Node)], known: &[&str], path: &str) {
+    for (name, _) in entries {
+        if !known.iter().any(|k| k.eq_ignore_ascii_case(name)) {
+            ctx.warnings
+                .push(format!("unknown key `{path}.{name}` ignored"));
+        }
+    }
+}
+
+/// The value of `key` in an object's entries (any case; the last one wins; null = absent).
+fn entry<'a>(entries: &'a [(String, Node)], key: &str) -> Option<&'a Node> {
+    entries
+        .iter()
+        .rev()
+        .find(|(name, _)| name.eq_ignore_ascii_case(key))
+        .map(|(_, node)| node)
+        .filter(|node| !matches!(node, Node::Scalar(Value::Null)))
+}
+
+fn timetable_day(ctx: &mut Ctx, node: &Node, path: &str) -> Option<TimetableDay> {
+    let Node::Object(entries) = node else {
+        ctx.issue(
+            path.to_string(),
+            format!("expected an object, found {}", node.describe()),
+        );
+        return None;
+    };
+    warn_unknown(ctx, entries, TIMETABLE_KEYS, path);
+    let day = match entry(entries, "dayOfWeek") {
+        Some(Node::Scalar(Value::Number(n)))
+            if n.as_u64().is_some_and(|d| (1..=7).contains(&d)) =>
+        {
+            n.as_u64().and_then(|d| u8::try_from(d).ok())
+        }
+        Some(other) => {
+            ctx.issue(
+                format!("{path}.dayOfWeek"),
+                format!(
+                    "expected a day of the week 1 (Monday) .. 7 (Sunday), found {}",
+                    other.describe()
+                ),
+            );
+            None
+        }
+        None => {
+            ctx.issue(format!("{path}.dayOfWeek"), "is required".to_string());
+            None
+        }
+    };
+    let mut slots = Vec::new();
+    match entry(entries, "timeSlots") {
+        Some(Node::Array(items)) if !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(slot) = time_slot(ctx, item, &format!("{path}.timeSlots[{i}]")) {
+                    slots.push(slot);
+                }
+            }
+        }
+        Some(Node::Array(_)) | None => ctx.issue(
+            format!("{path}.timeSlots"),
+            "needs at least one time slot".to_string(),
+        ),
+        Some(other) => ctx.issue(
+            format!("{path}.timeSlots"),
+            format!("expected an array, found {}", other.describe()),
+        ),
+    }
+    day.map(|day_of_week| TimetableDay { day_of_week, slots })
+}
+
+fn time_slot(ctx: &mut Ctx, node: &Node, path: &str) -> Option<TimeSlot> {
+    let Node::Object(entries) = node else {
+        ctx.issue(
+            path.to_string(),
+            format!("expected an object, found {}", node.describe()),
+        );
+        return None;
+    };
+    warn_unknown(ctx, entries, TIME_SLOT_KEYS, path);
+    let time = |ctx: &mut Ctx, key: &str| -> Option<u32> {
+        let at = format!("{path}.{key}");
+        match entry(entries, key) {
+            Some(Node::Scalar(Value::String(s))) => match parse_time_of_day(s) {
+                Ok(secs) => Some(secs),
+                Err(message) => {
+                    ctx.issue(at, message);
+                    None
+                }
+            },
+            Some(other) => {
+                ctx.issue(
+                    at,
+                    format!("expected a time \"HH:MM:SS\", found {}", other.describe()),
+                );
+                None
+            }
+            None => {
+                ctx.issue(at, "is required".to_string());
+                None
+            }
+        }
+    };
+    let start = time(ctx, "start");
+    let end = time(ctx, "end");
+    let (start, end) = (start?, end?);
+    if start >= end {
+        ctx.issue(
+            path.to_string(),
+            "start must be before end (a slot cannot cross midnight)".to_string(),
+        );
+        return None;
+    }
+    Some(TimeSlot { start, end })
+}
+
+/// Seconds since midnight of `HH:MM[:SS]` (24:00:00 allowed as an end of day).
+fn parse_time_of_day(s: &str) -> Result<u32, String> {
+    let bad = || format!("expected a time \"HH:MM:SS\", found {s:?}");
+    let parts: Vec<&str> = s.split(':').collect();
+    if !(2..=3).contains(&parts.len()) {
+        return Err(bad());
+    }
+    let mut nums = [0u32; 3];
+    for (n, p) in nums.iter_mut().zip(&parts) {
+        if p.is_empty() || p.len() > 2 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        *n = p.parse().map_err(|_| bad())?;
+    }
+    let [h, m, sec] = nums;
+    let secs = h * 3600 + m * 60 + sec;
+    if m >= 60 || sec >= 60 || secs > 24 * 3600 {
+        return Err(format!("{s:?} is not a time of day"));
+    }
+    Ok(secs)
+}
+
 fn dotted(section: Option<&str>, key: &str) -> String {
     match section {
         Some(s) => format!("{s}.{key}"),
@@ -682,6 +896,8 @@ fn build(ctx: &mut Ctx, entries: &[(String, Node)]) -> Config {
         .then(|| top.section(ctx, "identity", IDENTITY_KEYS));
 
     Config {
+        update_scheduler_url: top.string(ctx, "updateSchedulerUrl").unwrap_or_default(),
+        update_scheduler: update_scheduler(ctx, &top),
         ca_cert: top.string(ctx, "caCert").unwrap_or_default().into(),
         working_dir,
         service_discovery_url: top.string(ctx, "serviceDiscoveryUrl").unwrap_or_default(),
@@ -1884,6 +2100,8 @@ mod tests {
                 merged_migration_path: "/var/aos/workdirs/cm/migration".into(),
             },
             identity: None,
+            update_scheduler_url: String::new(),
+            update_scheduler: UpdateSchedules::default(),
         };
         assert_eq!(*config, expected);
         assert_eq!(
@@ -1931,8 +2149,11 @@ mod tests {
         let dir = TempDir::new();
         let path = dir.0.join("aos_cm.cfg");
         std::fs::write(&path, SAMPLE).unwrap();
-        let (config, warnings) = Config::load(&path).unwrap();
+        let (mut config, warnings) = Config::load(&path).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
+        // Our own key beside upstream's.
+        assert_eq!(config.update_scheduler_url, "localhost:8095");
+        config.update_scheduler_url.clear();
         check_upstream_sample(&config);
 
         let value: Value = serde_json::from_str(SAMPLE).unwrap();
@@ -2047,5 +2268,83 @@ mod tests {
         );
         let err = parse_err(r#"{"alerts": {"journalAlerts": [1]}}"#);
         assert_eq!(invalid_keys(&err), ["alerts.journalAlerts"]);
+    }
+
+    #[test]
+    fn update_scheduler_defaults_to_auto_and_off() {
+        let (config, warnings) = parse("{}");
+        assert_eq!(config.update_scheduler_url, "");
+        assert_eq!(config.update_scheduler, UpdateSchedules::default());
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn update_scheduler_reads_policies_and_timetables() {
+        let (config, warnings) = parse(
+            r#"{"updateSchedulerUrl": "127.0.0.1:8095",
+                "updateScheduler": {
+                  "sota": {"policy": "trigger"},
+                  "FOTA": {"policy": "Timetable", "timetable": [
+                    {"dayOfWeek": 2, "timeSlots": [{"start": "01:00:00", "end": "03:30"}]},
+                    {"dayOfWeek": 7, "timeSlots": [{"start": "22:00:00", "end": "24:00:00", "x": 1}]}
+                  ]}}}"#,
+        );
+        assert_eq!(config.update_scheduler_url, "127.0.0.1:8095");
+        assert_eq!(config.update_scheduler.sota.policy, UpdatePolicy::Trigger);
+        let fota = &config.update_scheduler.fota;
+        assert_eq!(fota.policy, UpdatePolicy::Timetable);
+        assert_eq!(
+            fota.timetable,
+            vec![
+                TimetableDay {
+                    day_of_week: 2,
+                    slots: vec![TimeSlot {
+                        start: 3600,
+                        end: 3 * 3600 + 1800
+                    }]
+                },
+                TimetableDay {
+                    day_of_week: 7,
+                    slots: vec![TimeSlot {
+                        start: 22 * 3600,
+                        end: 24 * 3600
+                    }]
+                },
+            ]
+        );
+        assert_eq!(
+            warnings,
+            vec![format!(
+                "{FILE}: unknown key `updateScheduler.fota.timetable[1].timeSlots[0].x` ignored"
+            )]
+        );
+    }
+
+    #[test]
+    fn update_scheduler_errors_name_the_field() {
+        let err = parse_err(
+            r#"{"updateScheduler": {
+                  "sota": {"policy": "sometimes"},
+                  "fota": {"policy": "timetable", "timetable": [
+                    {"dayOfWeek": 8, "timeSlots": [{"start": "03:00:00", "end": "01:00:00"}]},
+                    {"dayOfWeek": 1, "timeSlots": [{"start": "25:00", "end": "26:00:00"}]},
+                    {"dayOfWeek": 1, "timeSlots": []}
+                  ]}}}"#,
+        );
+        assert_eq!(
+            invalid_keys(&err),
+            vec![
+                "updateScheduler.sota.policy",
+                "updateScheduler.fota.timetable[0].dayOfWeek",
+                "updateScheduler.fota.timetable[0].timeSlots[0]",
+                "updateScheduler.fota.timetable[1].timeSlots[0].start",
+                "updateScheduler.fota.timetable[1].timeSlots[0].end",
+                "updateScheduler.fota.timetable[2].timeSlots",
+                "updateScheduler.fota.timetable",
+            ]
+        );
+        let text = err.to_string();
+        assert!(text.contains("found \"sometimes\""), "{text}");
+        assert!(text.contains("start must be before end"), "{text}");
     }
 }

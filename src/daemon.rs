@@ -608,6 +608,40 @@ impl Daemon {
                 )),
             ));
         }
+        // The update scheduler: the task keeps its record and publishes statuses; the gRPC
+        // service listens only when updateSchedulerUrl is set.
+        {
+            use crate::api::scheduler;
+            scheduler::apply_policies(&store, &config.update_scheduler)
+                .map_err(setup("storing the update scheduler policies"))?;
+            let sched = scheduler::Scheduler::new(store.clone(), clock.clone());
+            tasks.push(Task::new(
+                "update scheduler",
+                Stop::Graceful,
+                tokio::spawn(sched.clone().run(stop_rx.clone())),
+            ));
+            if !config.update_scheduler_url.trim().is_empty() {
+                let addr = listen_addr(&config.update_scheduler_url)
+                    .await
+                    .map_err(setup("the update scheduler address (updateSchedulerUrl)"))?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(setup("binding the update scheduler (updateSchedulerUrl)"))?;
+                let mut rx = stop_rx.clone();
+                let shutdown = async move {
+                    let _ = rx.wait_for(|stopped| *stopped).await;
+                };
+                tasks.push(Task::new(
+                    "update scheduler server",
+                    Stop::Brief,
+                    tokio::spawn(async move {
+                        if let Err(e) = scheduler::serve(listener, sched, shutdown).await {
+                            tracing::error!("update scheduler server stopped: {e}");
+                        }
+                    }),
+                ));
+            }
+        }
         let (sm_renewed, sm_renewed_rx) = tokio::sync::mpsc::channel::<TlsPem>(4);
         let sm_tls_on = tls.is_some();
         tasks.push(Task::new(

@@ -32,11 +32,12 @@ pub fn wall_clock() -> Clock {
 }
 
 /// The tables a reconciler reads; a committed change to any of them wakes it. The conditions
-/// and update-progress tables are written by the loop itself and wake nobody.
+/// table is written by the loop itself and wakes nobody; the update progress (the scheduler's
+/// approvals) wakes the reconcilers whose actions it holds back.
 pub fn watches(kind: ReconcilerKind) -> Vec<&'static str> {
     use tables::*;
     match kind {
-        ReconcilerKind::Images => vec![DESIRED, ITEMS, BLOBS, CATALOGUE, SETTINGS],
+        ReconcilerKind::Images => vec![DESIRED, ITEMS, BLOBS, CATALOGUE, SETTINGS, UPDATE_PROGRESS],
         ReconcilerKind::Instances => vec![
             DESIRED,
             NODES,
@@ -47,6 +48,7 @@ pub fn watches(kind: ReconcilerKind) -> Vec<&'static str> {
             PLACEMENTS,
             GIDS,
             SETTINGS,
+            UPDATE_PROGRESS,
         ],
         ReconcilerKind::Network => vec![
             DESIRED,
@@ -57,8 +59,26 @@ pub fn watches(kind: ReconcilerKind) -> Vec<&'static str> {
             FIREWALL,
             HOST_ROUTES,
         ],
-        ReconcilerKind::UnitConfig => vec![DESIRED, NODES, UNIT_CONFIG],
-        ReconcilerKind::Firmware => vec![DESIRED, NODES, REPORTED_INSTANCES, CATALOGUE, PLACEMENTS],
+        ReconcilerKind::UnitConfig => {
+            vec![
+                DESIRED,
+                NODES,
+                UNIT_CONFIG,
+                ITEMS,
+                SETTINGS,
+                UPDATE_PROGRESS,
+            ]
+        }
+        ReconcilerKind::Firmware => vec![
+            DESIRED,
+            NODES,
+            REPORTED_INSTANCES,
+            CATALOGUE,
+            PLACEMENTS,
+            ITEMS,
+            SETTINGS,
+            UPDATE_PROGRESS,
+        ],
     }
 }
 

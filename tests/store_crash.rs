@@ -104,6 +104,7 @@ fn snapshot_for(n: u64) -> Snapshot {
             sm_hosts: Default::default(),
         },
     );
+    s.progress = progress_for(n);
     s
 }
 
@@ -111,6 +112,7 @@ fn progress_for(n: u64) -> UpdateProgress {
     UpdateProgress {
         state: "DOWNLOADING".to_string(),
         correlation_id: Some(n.to_string()),
+        ..UpdateProgress::default()
     }
 }
 

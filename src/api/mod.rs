@@ -10,4 +10,5 @@ pub mod journal;
 pub mod json;
 pub mod nodes;
 pub mod proto;
+pub mod scheduler;
 pub mod sm;

@@ -4,6 +4,9 @@
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("common.v1");
+    }
     pub mod v2 {
         tonic::include_proto!("common.v2");
     }
@@ -18,5 +21,11 @@ pub mod servicemanager {
 pub mod iamanager {
     pub mod v6 {
         tonic::include_proto!("iamanager.v6");
+    }
+}
+
+pub mod communicationmanager {
+    pub mod v3 {
+        tonic::include_proto!("communicationmanager.v3");
     }
 }

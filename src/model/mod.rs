@@ -11,6 +11,7 @@ pub mod desired;
 pub mod ids;
 pub mod observed;
 pub mod plan;
+pub mod schedule;
 pub mod snapshot;
 pub mod version;
 
@@ -20,5 +21,6 @@ pub use desired::*;
 pub use ids::*;
 pub use observed::*;
 pub use plan::*;
+pub use schedule::*;
 pub use snapshot::*;
 pub use version::Version;

@@ -5,6 +5,7 @@ use super::alloc::Allocations;
 use super::catalogue::Catalogue;
 use super::desired::DesiredState;
 use super::observed::ObservedUnit;
+use super::schedule::{UpdateProgress, UpdateSchedules};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -15,10 +16,13 @@ pub struct Snapshot {
     pub allocations: Allocations,
     pub catalogue: Catalogue,
     pub settings: PlanSettings,
+    /// The update scheduler's record: which desired state was approved or reached.
+    #[serde(default)]
+    pub progress: UpdateProgress,
 }
 
 /// The configuration values planning depends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanSettings {
     /// `imageManager.updateItemTtl`: how long a removed item is kept.
     pub update_item_ttl_ms: u64,
@@ -27,6 +31,9 @@ pub struct PlanSettings {
     pub uid_first: u32,
     #[serde(default = "default_uid_end")]
     pub uid_end: u32,
+    /// `updateScheduler`: when a downloaded update may change the running unit.
+    #[serde(default)]
+    pub update_schedules: UpdateSchedules,
 }
 
 fn default_uid_first() -> u32 {
@@ -43,6 +50,7 @@ impl Default for PlanSettings {
             update_item_ttl_ms: 30 * 24 * 3600 * 1000,
             uid_first: super::alloc::UID_FIRST,
             uid_end: super::alloc::UID_END,
+            update_schedules: UpdateSchedules::default(),
         }
     }
 }

@@ -8,12 +8,19 @@ pub mod network;
 pub mod placement;
 pub mod project;
 pub mod runner;
+pub mod schedule;
 pub mod unitconfig;
 
 use crate::model::*;
 
-/// Plans one reconciler over a snapshot.
+/// Plans one reconciler over a snapshot, with the actions the update scheduler holds back
+/// removed (see `schedule::apply_gate`).
 pub fn plan_one(kind: ReconcilerKind, snap: &Snapshot, now: UnixMillis) -> Plan {
+    schedule::apply_gate(plan_ungated(kind, snap, now), snap, now)
+}
+
+/// Plans one reconciler over a snapshot as if every update were allowed to go on.
+pub fn plan_ungated(kind: ReconcilerKind, snap: &Snapshot, now: UnixMillis) -> Plan {
     match kind {
         ReconcilerKind::Images => images::plan(snap, now),
         ReconcilerKind::Instances => instances::plan(snap, now),

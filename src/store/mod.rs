@@ -30,7 +30,6 @@ pub use tx::Tx;
 use crate::model::{Condition, Snapshot};
 use read::Source;
 use redb::{Database, ReadableDatabase};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
@@ -89,13 +88,7 @@ from_redb!(
     redb::CommitError
 );
 
-/// Where the unit's update stands, for the update scheduler: its state string and the
-/// correlation ID of the desired status it is working on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UpdateProgress {
-    pub state: String,
-    pub correlation_id: Option<String>,
-}
+pub use crate::model::UpdateProgress;
 
 pub struct Store {
     db: Database,

@@ -396,6 +396,7 @@ impl Reader<'_> {
                 }
                 t::FIREWALL => snap.allocations.firewall = self.ident_keyed(t::FIREWALL)?,
                 t::SETTINGS => snap.settings = self.settings()?,
+                t::UPDATE_PROGRESS => snap.progress = self.update_progress()?.unwrap_or_default(),
                 // Not part of a snapshot.
                 _ => {}
             }
@@ -411,6 +412,7 @@ impl Reader<'_> {
             allocations: self.allocations()?,
             catalogue: self.catalogue()?,
             settings: self.settings()?,
+            progress: self.update_progress()?.unwrap_or_default(),
         })
     }
 }

@@ -246,6 +246,7 @@ fn full_snapshot() -> Snapshot {
         update_item_ttl_ms: 1234,
         uid_first: 6000,
         uid_end: 7000,
+        ..PlanSettings::default()
     };
     s
 }
@@ -267,7 +268,7 @@ fn drain(rx: &mut UnboundedReceiver<Vec<&'static str>>) -> Vec<Vec<&'static str>
 #[test]
 fn every_table_round_trips_through_typed_setters() {
     let (_dir, store) = open_temp();
-    let want = full_snapshot();
+    let mut want = full_snapshot();
     let cond = Condition {
         object: "instance svc/a/subj/0".to_string(),
         reason: "NoNode".to_string(),
@@ -277,7 +278,9 @@ fn every_table_round_trips_through_typed_setters() {
     let progress = UpdateProgress {
         state: "DOWNLOADING".to_string(),
         correlation_id: Some("corr-1".to_string()),
+        ..UpdateProgress::default()
     };
+    want.progress = progress.clone();
     store
         .write(|tx| {
             tx.set_desired(want.desired.as_ref())?;
@@ -498,6 +501,7 @@ fn notifications_name_exactly_the_changed_tables() {
             tx.set_update_progress(&UpdateProgress {
                 state: "NO_UPDATE".to_string(),
                 correlation_id: None,
+                ..UpdateProgress::default()
             })
         })
         .unwrap();
