@@ -22,6 +22,13 @@ use tokio::sync::broadcast;
 /// How long to wait before reading the store again after it failed.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// A pass plans the reconcilers of both kinds: well under a millisecond for a small unit, tens
+/// of milliseconds at thousands of instances. The next pass starts no sooner than this many
+/// times the last one's duration after it started, so that the scheduler takes at most a
+/// third of a core however fast changes arrive (a burst of instance reports is covered by one
+/// pass), while a small unit sees every state.
+const PASS_SPACING: u32 = 3;
+
 /// Stores the configured policies in the plan settings, where the gate reads them.
 pub fn apply_policies(store: &Store, schedules: &UpdateSchedules) -> Result<(), StoreError> {
     store.write(|tx| {
@@ -225,12 +232,38 @@ impl Scheduler {
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut changes = self.store.subscribe();
         let mut watch = InstanceWatch::default();
+        let mut next_allowed: Option<tokio::time::Instant> = None;
         loop {
             if *stop.borrow() {
                 return;
             }
+            if let Some(at) = next_allowed.filter(|at| *at > tokio::time::Instant::now()) {
+                tokio::select! {
+                    changed = stop.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep_until(at) => {}
+                }
+                while changes.try_recv().is_ok() {}
+            }
+            let started = std::time::Instant::now();
+            let started_at = tokio::time::Instant::now();
             let now = (self.clock)();
-            let wait = match self.pass(&mut watch) {
+            // Planning is CPU work: off the async workers.
+            let this = self.clone();
+            let (result, w) = match tokio::task::spawn_blocking(move || {
+                let r = this.pass(&mut watch);
+                (r, watch)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::error!("update scheduler pass failed: {e}");
+                    return;
+                }
+            };
+            watch = w;
+            next_allowed = Some(started_at + started.elapsed() * PASS_SPACING);
+            let wait = match result {
                 Ok(Some(at)) => Some(Duration::from_millis(
                     u64::try_from(at.saturating_sub(now)).unwrap_or(0),
                 )),
