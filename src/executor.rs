@@ -18,6 +18,7 @@ use crate::imagestore::fetch::Fetcher;
 use crate::model::*;
 use crate::reconcilers::runner::{ExecFuture, Executor};
 use crate::store::Store;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub struct UnitExecutor {
@@ -83,12 +84,40 @@ impl PlacementCommitter {
                 while let Ok(more) = rx.try_recv() {
                     group.push(more);
                 }
+                // Plans made before an earlier batch was committed may hand the same UID to
+                // two instances: a batch whose UID is held by another instance is refused (its
+                // key is planned again from the committed state); the others go in.
+                let mut refused: Vec<Option<String>> = vec![None; group.len()];
                 let result = store
                     .write(|tx| {
-                        for (placements, _) in &group {
+                        let mut held: BTreeMap<u32, InstanceIdent> = tx
+                            .placements()?
+                            .into_values()
+                            .filter(|p| p.uid != 0)
+                            .map(|p| (p.uid, p.ident))
+                            .collect();
+                        for (i, (placements, _)) in group.iter().enumerate() {
+                            let clash = placements.iter().find_map(|p| {
+                                held.get(&p.uid)
+                                    .filter(|other| p.uid != 0 && **other != p.ident)
+                                    .map(|other| {
+                                        format!(
+                                            "UID {} for {} is held by {other}; planning again",
+                                            p.uid, p.ident
+                                        )
+                                    })
+                            });
+                            if clash.is_some() {
+                                refused[i] = clash;
+                                continue;
+                            }
                             for p in placements {
                                 if p.gid != 0 && tx.gid(&p.ident.item_id)?.is_none() {
                                     tx.set_gid(&p.ident.item_id, p.gid)?;
+                                }
+                                held.retain(|_, ident| *ident != p.ident);
+                                if p.uid != 0 {
+                                    held.insert(p.uid, p.ident.clone());
                                 }
                                 tx.put_placement(p)?;
                             }
@@ -96,8 +125,12 @@ impl PlacementCommitter {
                         Ok(())
                     })
                     .map_err(|e| e.to_string());
-                for (_, done) in group {
-                    let _ = done.send(result.clone());
+                for ((_, done), refusal) in group.into_iter().zip(refused) {
+                    let outcome = match refusal {
+                        Some(reason) => Err(reason),
+                        None => result.clone(),
+                    };
+                    let _ = done.send(outcome);
                 }
             }
         });

@@ -184,6 +184,27 @@ impl SimSm {
         }
     }
 
+    /// How many messages of this kind have been received (over every connection).
+    pub fn received_count(&self, kind: &str) -> usize {
+        lock(&self.state)
+            .received
+            .iter()
+            .filter(|k| *k == kind)
+            .count()
+    }
+
+    /// Waits until `n` messages of this kind have been received (over every connection).
+    pub async fn wait_received_count(&self, kind: &str, n: usize) {
+        loop {
+            let notify = lock(&self.state).notify.clone();
+            let notified = notify.notified();
+            if self.received_count(kind) >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Waits until the stream has ended (closed by the server or by an error).
     pub async fn wait_closed(&mut self) {
         if let Some(t) = self.task.take() {

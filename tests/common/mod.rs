@@ -2,6 +2,8 @@
 //! from a scenario folder, in a temporary directory.
 #![allow(dead_code)]
 
+pub mod process;
+
 use aos_cm::api::sm::SmConfig;
 use aos_cm::api::sm::server::TlsPem;
 use aos_cm::model::*;
