@@ -55,6 +55,7 @@ const TOP_KEYS: &[&str] = &[
     "identity",
     "updateSchedulerUrl",
     "updateScheduler",
+    "metrics",
 ];
 const IDENTITY_KEYS: &[&str] = &[
     "systemId",
@@ -85,6 +86,25 @@ const LAUNCHER_KEYS: &[&str] = &[
 ];
 const MIGRATION_KEYS: &[&str] = &["migrationPath", "mergedMigrationPath"];
 const UPDATE_SCHEDULER_KEYS: &[&str] = &["sota", "fota"];
+const METRICS_KEYS: &[&str] = &["enabled", "listen"];
+
+/// `metrics` section (ours): the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Off by default.
+    pub enabled: bool,
+    /// Where `GET /metrics` is served; loopback by default.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: "127.0.0.1:9464".to_owned(),
+        }
+    }
+}
 const KIND_SCHEDULE_KEYS: &[&str] = &["policy", "timetable"];
 const TIMETABLE_KEYS: &[&str] = &["dayOfWeek", "timeSlots"];
 const TIME_SLOT_KEYS: &[&str] = &["start", "end"];
@@ -267,6 +287,8 @@ pub struct Config {
     pub update_scheduler_url: String,
     /// `updateScheduler`: when a downloaded update may change the running unit, per kind.
     pub update_scheduler: UpdateSchedules,
+    /// `metrics`: the optional Prometheus endpoint.
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -353,6 +375,7 @@ impl Config {
             identity: None,
             update_scheduler_url: String::new(),
             update_scheduler: UpdateSchedules::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 
@@ -553,6 +576,20 @@ impl<'a> Fields<'a> {
     fn path_or(&self, ctx: &mut Ctx, key: &str, default: PathBuf) -> PathBuf {
         let default = default.to_string_lossy().into_owned();
         PathBuf::from(self.string_or(ctx, key, default))
+    }
+
+    fn bool_or(&self, ctx: &mut Ctx, key: &str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(Node::Scalar(Value::Bool(b))) => *b,
+            Some(other) => {
+                ctx.issue(
+                    self.path_of(key),
+                    format!("expected true or false, found {}", other.describe()),
+                );
+                default
+            }
+        }
     }
 
     /// A whole number in `range`; anything else is an issue naming the key and the range.
@@ -890,6 +927,7 @@ fn build(ctx: &mut Ctx, entries: &[(String, Node)]) -> Config {
     let image = top.section(ctx, "imageManager", IMAGE_MANAGER_KEYS);
     let launcher = top.section(ctx, "launcher", LAUNCHER_KEYS);
     let migration = top.section(ctx, "migration", MIGRATION_KEYS);
+    let metrics = top.section(ctx, "metrics", METRICS_KEYS);
     let identity = top
         .get("identity")
         .is_some()
@@ -898,6 +936,10 @@ fn build(ctx: &mut Ctx, entries: &[(String, Node)]) -> Config {
     Config {
         update_scheduler_url: top.string(ctx, "updateSchedulerUrl").unwrap_or_default(),
         update_scheduler: update_scheduler(ctx, &top),
+        metrics: MetricsConfig {
+            enabled: metrics.bool_or(ctx, "enabled", d.metrics.enabled),
+            listen: metrics.string_or(ctx, "listen", d.metrics.listen.clone()),
+        },
         ca_cert: top.string(ctx, "caCert").unwrap_or_default().into(),
         working_dir,
         service_discovery_url: top.string(ctx, "serviceDiscoveryUrl").unwrap_or_default(),
@@ -2102,6 +2144,7 @@ mod tests {
             identity: None,
             update_scheduler_url: String::new(),
             update_scheduler: UpdateSchedules::default(),
+            metrics: MetricsConfig::default(),
         };
         assert_eq!(*config, expected);
         assert_eq!(

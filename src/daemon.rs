@@ -64,6 +64,8 @@ pub struct Daemon {
     /// The file server's URL as the nodes are told it (`fileServerUrl`, its port filled in
     /// when the config says 0); empty when there is none.
     pub file_server_url: String,
+    /// Where the metrics endpoint listens, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     /// The cloud agent's timing settings, changed by [`Daemon::reload`].
     agent_settings: watch::Sender<AgentConfig>,
     stop: watch::Sender<bool>,
@@ -573,6 +575,7 @@ impl Daemon {
 
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let mut metrics_addr = None;
         let resolv = std::fs::read_to_string("/etc/resolv.conf").ok();
         let dns_config = dnszone::dns_config(&config.dns_ip, resolv.as_deref())
             .map_err(setup("the DNS server address (dnsIp)"))?;
@@ -662,6 +665,31 @@ impl Daemon {
         // Alerts raised on this node (downloads, the journal) go to the agent through one queue.
         let (local_alerts, local_alerts_rx) = tokio::sync::mpsc::channel(LOCAL_ALERT_QUEUE);
         let ca_pem = ca.clone();
+        // The Prometheus endpoint, when enabled.
+        let metrics = if config.metrics.enabled {
+            let addr = listen_addr(&config.metrics.listen)
+                .await
+                .map_err(setup("the metrics address (metrics.listen)"))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(setup("binding the metrics endpoint (metrics.listen)"))?;
+            metrics_addr = listener.local_addr().ok();
+            let m = Arc::new(crate::metrics::Metrics::default());
+            tasks.push(Task::new(
+                "metrics",
+                Stop::Graceful,
+                tokio::spawn(crate::metrics::serve(
+                    listener,
+                    m.clone(),
+                    link.clone(),
+                    sm.clone(),
+                    stop_rx.clone(),
+                )),
+            ));
+            Some(m)
+        } else {
+            None
+        };
         let fetcher = Fetcher {
             link: link.clone(),
             install_path: config.image_manager.install_path.clone(),
@@ -669,10 +697,16 @@ impl Daemon {
             tls: link_config.tls.clone(),
             roots_pem: ca.map(String::into_bytes).unwrap_or_default(),
             alerts: Some(local_alerts.clone()),
-            limits: Arc::new(DownloadLimits::new(
-                usize::try_from(config.image_manager.max_concurrent_downloads).unwrap_or(4),
-                config.image_manager.download_part_limit,
-            )),
+            limits: Arc::new({
+                let limits = DownloadLimits::new(
+                    usize::try_from(config.image_manager.max_concurrent_downloads).unwrap_or(4),
+                    config.image_manager.download_part_limit,
+                );
+                match &metrics {
+                    Some(m) => limits.with_metrics(m.clone()),
+                    None => limits,
+                }
+            }),
         };
         let exec = Arc::new(
             UnitExecutor::new(store.clone(), sm.clone(), clock.clone()).with_fetcher(fetcher),
@@ -680,10 +714,19 @@ impl Daemon {
         let reconcile = Runner::new(
             engine::reconcilers(store.clone(), clock.clone()),
             exec,
-            Arc::new(StoreSink {
-                store: store.clone(),
-                clock,
-            }),
+            {
+                let sink = StoreSink {
+                    store: store.clone(),
+                    clock,
+                };
+                match &metrics {
+                    Some(m) => Arc::new(crate::metrics::MeteredSink {
+                        inner: sink,
+                        metrics: m.clone(),
+                    }),
+                    None => Arc::new(sink) as Arc<dyn crate::reconcilers::runner::OutcomeSink>,
+                }
+            },
             runner,
         );
         let changes = store.subscribe();
@@ -804,6 +847,7 @@ impl Daemon {
             system_id: ident.id.system_id.clone(),
             dns,
             file_server_url,
+            metrics_addr,
             agent_settings,
             stop,
             tasks,

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod executor;
 pub mod imagestore;
 pub mod journalalerts;
+pub mod metrics;
 pub mod model;
 pub mod reconcilers;
 pub mod render;

@@ -727,3 +727,62 @@ async fn a_kill_during_a_download_is_resumed_with_a_range_request_after_the_rest
     let status = terminate(daemon).await;
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_reports_reconciles_nodes_the_cloud_and_downloads() {
+    let mut options = CloudOptions::new(SYSTEM_ID);
+    options.blob_dir = Some(example().join("blobs"));
+    let cloud = SimCloud::start(options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, sms) = prepare(dir.path(), &cloud, None);
+    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    value["metrics"] = json!({"enabled": true, "listen": "127.0.0.1:0"});
+    let (config, _) = aos_cm::config::Config::from_json_str(&value.to_string(), "m.cfg").unwrap();
+    let daemon = aos_cm::daemon::Daemon::start(&config, unit::quick_runner())
+        .await
+        .expect("daemon");
+    let addr = daemon.metrics_addr.expect("metrics enabled");
+    let mut sims = Vec::new();
+    for (node, info) in sms {
+        let mut sim = SimSm::new(&node, info, SimOptions::default());
+        sim.connect(channel(daemon.sm_addr).await).await.unwrap();
+        sims.push(sim);
+    }
+    cloud.wait_from_unit("unitStatus", 1).await;
+    cloud.send_data(desired()).expect("session");
+    cloud.wait_for(|f| converged_status(f, 1)).await;
+
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await.unwrap();
+        text
+    };
+    let text = get("/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(value("aos_cm_nodes_connected"), 3.0);
+    assert_eq!(value("aos_cm_cloud_connected"), 1.0);
+    assert!(value("aos_cm_reconcile_duration_seconds_count{reconciler=\"instances\"}") >= 1.0);
+    assert!(value("aos_cm_cloud_messages_total{event=\"acked\"}") >= 1.0);
+    // Every stored blob was downloaded once: the byte count is their total size.
+    let stored: u64 = std::fs::read_dir(dir.path().join("install/blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(stored > 0);
+    assert_eq!(value("aos_cm_download_bytes_total"), stored as f64);
+    assert!(get("/other").await.starts_with("HTTP/1.1 404"));
+    drop(sims);
+    assert!(daemon.shutdown(Duration::from_secs(4)).await);
+}

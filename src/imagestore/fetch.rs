@@ -64,6 +64,7 @@ pub struct DownloadLimits {
     part_limit: u64,
     reserved: std::sync::Mutex<u64>,
     probe: fn(&Path) -> std::io::Result<Space>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl DownloadLimits {
@@ -75,7 +76,14 @@ impl DownloadLimits {
             part_limit: part_limit.min(100),
             reserved: std::sync::Mutex::new(0),
             probe: filesystem_space,
+            metrics: None,
         }
+    }
+
+    /// Counts downloaded bytes in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> DownloadLimits {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Measures free space with `probe` instead of the filesystem (tests).
@@ -361,6 +369,12 @@ impl Fetcher {
         tokio::fs::rename(&staged, &final_path)
             .await
             .map_err(|e| format!("storing {}: {e}", final_path.display()))?;
+        if let Some(m) = &self.limits.metrics {
+            m.download_bytes.fetch_add(
+                info.size.saturating_sub(have),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let _ = tokio::fs::remove_file(&partial).await;
         Ok(size)
     }

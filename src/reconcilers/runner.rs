@@ -61,6 +61,8 @@ pub trait OutcomeSink: Send + Sync + 'static {
     fn resolved(&self, reconciler: &'static str, key: &str) {
         self.succeeded(reconciler, key);
     }
+    /// One plan of `reconciler` took `took` and gave `batches` batches of actions (metrics).
+    fn planned(&self, _reconciler: &'static str, _took: std::time::Duration, _batches: usize) {}
 }
 
 /// The planning function every reconciler exposes.
@@ -360,6 +362,7 @@ impl<A: RunnerAction> LoopState<A> {
         let plan = Arc::clone(&self.reconcilers[idx].plan);
         // A panicking planner is a bug in one reconciler; it must not stop the others. Its keys
         // keep their state and the resync tries again.
+        let started = std::time::Instant::now();
         let actions = match catch_unwind(AssertUnwindSafe(|| plan())) {
             Ok(actions) => actions,
             Err(panic) => {
@@ -382,6 +385,7 @@ impl<A: RunnerAction> LoopState<A> {
             batch.push(action);
         }
         let planned: BTreeSet<String> = order.iter().cloned().collect();
+        self.sink.planned(name, started.elapsed(), order.len());
         for key in order {
             if let Some(batch) = batches.remove(&key) {
                 self.consider(idx, key, batch, now);

@@ -184,6 +184,23 @@ impl SimSm {
         }
     }
 
+    /// The version of the node config the node holds ("" before the first).
+    pub fn node_config_version(&self) -> String {
+        lock(&self.state).node_config_version.clone()
+    }
+
+    /// Waits until the node holds the node config of `version`.
+    pub async fn wait_node_config_version(&self, version: &str) {
+        loop {
+            let notify = lock(&self.state).notify.clone();
+            let notified = notify.notified();
+            if lock(&self.state).node_config_version == version {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// How many messages of this kind have been received (over every connection).
     pub fn received_count(&self, kind: &str) -> usize {
         lock(&self.state)
@@ -276,6 +293,7 @@ async fn handle(
             let mut s = lock(state);
             s.node_config_version = c.version.clone();
             s.node_config = c.node_config.clone();
+            s.notify.notify_waiters();
             Some(vec![node_config_status(&c.version, None)])
         }
         In::UpdateInstances(u) => {

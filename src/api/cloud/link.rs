@@ -145,6 +145,8 @@ pub struct LinkCounters {
     pub requests_handled: u64,
     /// New TLS settings taken (certificate renewals), each followed by a new connection.
     pub renewals: u64,
+    /// Messages in the outgoing queue (not ACKed yet).
+    pub queued: u64,
     pub outbox: OutboxCounters,
 }
 
@@ -191,9 +193,11 @@ impl Shared {
     /// Copies the outbox counters in, waking watchers only when they changed.
     fn publish_outbox(&self, outbox: &Outbox) {
         let counters = outbox.counters();
+        let queued = outbox.len() as u64;
         self.counters.send_if_modified(|c| {
-            let changed = c.outbox != counters;
+            let changed = c.outbox != counters || c.queued != queued;
             c.outbox = counters;
+            c.queued = queued;
             changed
         });
     }
