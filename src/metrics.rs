@@ -7,13 +7,11 @@
 //! NACKed, and the outgoing queue; the bytes of blobs downloaded.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -201,38 +199,26 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     link: LinkHandle,
     sm: SmController,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => break,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
-        let (metrics, link, sm) = (metrics.clone(), link.clone(), sm.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                let body = (req.method() == hyper::Method::GET && req.uri().path() == "/metrics")
-                    .then(|| metrics.render(Some(&link), Some(&sm)));
-                async move {
-                    let response = match body {
-                        Some(text) => hyper::Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(http_body_util::Full::new(bytes::Bytes::from(text))),
-                        None => hyper::Response::builder()
-                            .status(hyper::StatusCode::NOT_FOUND)
-                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                                b"only GET /metrics is served here\n",
-                            ))),
-                    };
-                    Ok::<_, Infallible>(response.unwrap_or_default())
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+    crate::api::fileserver::serve_http(listener, stop, move |req: hyper::Request<_>| {
+        let body = (req.method() == hyper::Method::GET && req.uri().path() == "/metrics")
+            .then(|| metrics.render(Some(&link), Some(&sm)));
+        async move {
+            let response = match body {
+                Some(text) => hyper::Response::builder()
+                    .header("content-type", "text/plain; version=0.0.4")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(text))),
+                None => hyper::Response::builder()
+                    .status(hyper::StatusCode::NOT_FOUND)
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                        b"only GET /metrics is served here\n",
+                    ))),
+            };
+            response.unwrap_or_default()
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

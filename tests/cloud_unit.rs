@@ -178,19 +178,7 @@ async fn cloud_drop_in_the_middle_of_an_update_loses_nothing() {
     cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
     // The cloud stops answering; an SM raises an alert, which the unit sends and keeps.
     cloud.set_ack_mode(AckMode::Ignore);
-    let alert = pb::SmOutgoingMessages {
-        sm_outgoing_message: Some(pb::sm_outgoing_messages::SmOutgoingMessage::Alert(
-            pb::Alert {
-                timestamp: Some(prost_types::Timestamp {
-                    seconds: 1_790_000_000,
-                    nanos: 0,
-                }),
-                alert_item: Some(pb::alert::AlertItem::SystemAlert(pb::SystemAlert {
-                    message: "disk almost full".to_owned(),
-                })),
-            },
-        )),
-    };
+    let alert = common::system_alert("disk almost full");
     assert!(sims[0].send_raw(alert).await);
     let sent = cloud.wait_from_unit("alerts", 1).await;
     assert_eq!(sent.session, 1);

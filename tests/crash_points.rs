@@ -229,7 +229,16 @@ async fn run(rng: &mut Rng, kills: usize) -> Outcome {
     }
     // Nothing is held twice.
     let a = &snap.allocations;
-    assert_unique("IP", a.instance_ips.values().map(|x| x.ip.to_string()));
+    let ips: Vec<String> = a
+        .instance_ips
+        .iter()
+        .map(|(k, x)| format!("{k}: {} in {}", x.ip, x.network_id))
+        .collect();
+    let held = |what: &str| format!("{what} after {points:?}; IPs {ips:#?}");
+    assert_unique(
+        &held("IP"),
+        a.instance_ips.values().map(|x| x.ip.to_string()),
+    );
     assert_unique("VLAN", a.networks.values().map(|n| n.vlan_id));
     assert_unique("subnet", a.networks.values().map(|n| n.subnet.to_string()));
     assert_unique(

@@ -28,6 +28,33 @@ use serde_json::{Value, json};
 use tokio::process::Command;
 use tonic::transport::Channel;
 
+/// An in-process daemon in IAM mode (identity and nodes from `iam`), its working directory
+/// `dir`, with the keys of `extra` added to its config.
+async fn iam_daemon(
+    dir: &Path,
+    cloud: &SimCloud,
+    iam: &aos_cm::sim::iam::SimIam,
+    extra: Value,
+) -> aos_cm::daemon::Daemon {
+    let mut config = json!({
+        "workingDir": dir,
+        "serviceDiscoveryUrl": cloud.discovery_url(),
+        "iamPublicServerUrl": iam.url(),
+        "iamProtectedServerUrl": iam.url(),
+        "cmServerUrl": "127.0.0.1:0",
+        "stateDir": dir.join("states"),
+        "unitStatusSendTimeout": "100ms",
+    });
+    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    let (config, _) =
+        aos_cm::config::Config::from_json_str(&config.to_string(), "test.cfg").unwrap();
+    aos_cm::daemon::Daemon::start(&config, unit::quick_runner())
+        .await
+        .expect("daemon")
+}
+
 /// Runs the unit to convergence; with a disturbance, SIGKILLs or SIGTERMs the daemon right after
 /// it ACKed the desired state (blobs are downloading, the SMs starting instances) and starts it
 /// again. Returns the allocations at the interruption and at the end.
@@ -223,21 +250,13 @@ async fn without_an_identity_section_the_daemon_takes_identity_and_nodes_from_ia
     let cloud = SimCloud::start(options).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Nothing in the store: nodes and subjects come from IAM, blobs from the cloud.
-    let config = json!({
-        "workingDir": dir.path(),
-        "serviceDiscoveryUrl": cloud.discovery_url(),
-        "iamPublicServerUrl": iam.url(),
-        "iamProtectedServerUrl": iam.url(),
-        "cmServerUrl": "127.0.0.1:0",
-        "fileServerUrl": "127.0.0.1:0",
-        "stateDir": dir.path().join("states"),
-        "unitStatusSendTimeout": "100ms",
-    });
-    let (config, _) =
-        aos_cm::config::Config::from_json_str(&config.to_string(), "test.cfg").unwrap();
-    let daemon = aos_cm::daemon::Daemon::start(&config, unit::quick_runner())
-        .await
-        .expect("daemon");
+    let daemon = iam_daemon(
+        dir.path(),
+        &cloud,
+        &iam,
+        json!({"fileServerUrl": "127.0.0.1:0"}),
+    )
+    .await;
     assert_eq!(daemon.system_id, SYSTEM_ID);
     let sc = scenario::load(&example()).unwrap();
     let mut sims = Vec::new();
@@ -438,22 +457,8 @@ async fn a_certificate_rotation_in_iam_reconnects_the_cloud_and_restarts_the_sm_
     });
     let cloud = SimCloud::start(options).await.unwrap();
     assert!(cloud.discovery_url().starts_with("https://"));
-    let config = json!({
-        "workingDir": dir.path(),
-        "caCert": dir.path().join("ca.pem"),
-        "certStorage": "cm",
-        "serviceDiscoveryUrl": cloud.discovery_url(),
-        "iamPublicServerUrl": iam.url(),
-        "iamProtectedServerUrl": iam.url(),
-        "cmServerUrl": "127.0.0.1:0",
-        "stateDir": dir.path().join("states"),
-        "unitStatusSendTimeout": "100ms",
-    });
-    let (config, _) =
-        aos_cm::config::Config::from_json_str(&config.to_string(), "test.cfg").unwrap();
-    let daemon = aos_cm::daemon::Daemon::start(&config, unit::quick_runner())
-        .await
-        .expect("daemon");
+    let extra = json!({"caCert": dir.path().join("ca.pem"), "certStorage": "cm"});
+    let daemon = iam_daemon(dir.path(), &cloud, &iam, extra).await;
 
     // The first session uses the online certificate IAM gave; the SM server serves certStorage's.
     cloud.wait_sessions(1).await;
@@ -539,19 +544,7 @@ async fn a_reload_applies_the_agent_periods_and_the_item_ttl_at_once() {
     let (node, info) = sms[0].clone();
     let mut sim = SimSm::new(&node, info, SimOptions::default());
     sim.connect(channel(daemon.sm_addr).await).await.unwrap();
-    let alert = pb::SmOutgoingMessages {
-        sm_outgoing_message: Some(pb::sm_outgoing_messages::SmOutgoingMessage::Alert(
-            pb::Alert {
-                timestamp: Some(prost_types::Timestamp {
-                    seconds: 1_790_000_000,
-                    nanos: 0,
-                }),
-                alert_item: Some(pb::alert::AlertItem::SystemAlert(pb::SystemAlert {
-                    message: "disk almost full".to_owned(),
-                })),
-            },
-        )),
-    };
+    let alert = common::system_alert("disk almost full");
     assert!(sim.send_raw(alert).await);
 
     value["alerts"]["sendPeriod"] = json!("100ms");

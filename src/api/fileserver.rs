@@ -138,19 +138,35 @@ async fn serve_one(root: Arc<PathBuf>, req: Request<Incoming>) -> Response<Body>
 }
 
 /// Serves `<blobs_dir>/sha256/<hex>` on `listener` until `stop` turns true.
-pub async fn serve(listener: TcpListener, blobs_dir: PathBuf, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, blobs_dir: PathBuf, stop: watch::Receiver<bool>) {
     let root = Arc::new(blobs_dir);
+    serve_http(listener, stop, move |req| serve_one(root.clone(), req)).await;
+}
+
+/// Accepts HTTP/1.1 connections on `listener` until `stop` changes; every request of every
+/// connection is answered by `handle`. Shared by the file server and the metrics endpoint.
+pub(crate) async fn serve_http<F, Fut, B>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => break,
         };
         let Ok((tcp, _)) = accepted else { continue };
-        let root = root.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let root = root.clone();
-                async move { Ok::<_, Infallible>(serve_one(root, req).await) }
+                let answer = handle(req);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)

@@ -59,19 +59,39 @@ pub fn apply(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
                 a.gids.remove(&ident.item_id);
             }
         }
+        // The NetworkService may create another network between a plan and its execution
+        // (an SM asked for it first): a planned subnet or VLAN taken meanwhile is replaced by a
+        // free one, so that no two networks share either.
         Action::AllocateNetwork {
             network_id,
             subnet,
             vlan_id,
         } => {
-            a.networks
-                .entry(network_id.clone())
-                .or_insert_with(|| NetworkAllocation {
-                    subnet: *subnet,
-                    vlan_id: *vlan_id,
-                    hosts: Default::default(),
-                    sm_hosts: Default::default(),
-                });
+            if !a.networks.contains_key(network_id) {
+                let subnets: BTreeSet<Ipv4Net> = a.networks.values().map(|n| n.subnet).collect();
+                let vlans: BTreeSet<u16> = a.networks.values().map(|n| n.vlan_id).collect();
+                let subnet = if subnets.iter().any(|u| u.overlaps(subnet)) {
+                    super::network::free_subnet(&subnets, &o.host_routes)
+                } else {
+                    Some(*subnet)
+                };
+                let vlan_id = if vlans.contains(vlan_id) {
+                    super::network::free_vlan(&vlans)
+                } else {
+                    Some(*vlan_id)
+                };
+                if let (Some(subnet), Some(vlan_id)) = (subnet, vlan_id) {
+                    a.networks.insert(
+                        network_id.clone(),
+                        NetworkAllocation {
+                            subnet,
+                            vlan_id,
+                            hosts: Default::default(),
+                            sm_hosts: Default::default(),
+                        },
+                    );
+                }
+            }
         }
         // Addresses may also be handed out by the NetworkService between a plan and its
         // execution: an existing address is kept, and a planned one taken meanwhile is replaced
@@ -225,5 +245,36 @@ pub fn apply_as_unit(snap: &mut Snapshot, action: &Action, now: UnixMillis) {
             snap.observed.instances.remove(ident);
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocate(id: &str, second_octet: u8, vlan_id: u16) -> Action {
+        Action::AllocateNetwork {
+            network_id: id.to_owned(),
+            subnet: Ipv4Net::new(std::net::Ipv4Addr::new(172, second_octet, 0, 0), 16),
+            vlan_id,
+        }
+    }
+
+    #[test]
+    fn a_network_planned_on_a_subnet_taken_meanwhile_gets_a_free_one() {
+        let mut snap = Snapshot::default();
+        // The NetworkService created "b" on the subnet and VLAN the plan gave "a".
+        apply(&mut snap, &allocate("b", 17, 1), 0);
+        apply(&mut snap, &allocate("a", 17, 1), 0);
+        let (a, b) = (
+            snap.allocations.networks["a"].clone(),
+            snap.allocations.networks["b"].clone(),
+        );
+        assert_ne!(a.subnet, b.subnet);
+        assert!(!a.subnet.overlaps(&b.subnet));
+        assert_ne!(a.vlan_id, b.vlan_id);
+        // An existing network is left as it is.
+        apply(&mut snap, &allocate("a", 30, 9), 0);
+        assert_eq!(snap.allocations.networks["a"].subnet, a.subnet);
     }
 }

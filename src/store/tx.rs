@@ -344,8 +344,14 @@ impl<'a> Tx<'a> {
                     )
                 });
                 let before = if allocations_only {
+                    // Host routes too: a network whose planned subnet was taken meanwhile gets
+                    // a free one, which must not overlap them.
                     Snapshot {
                         allocations: self.network_allocations()?,
+                        observed: crate::model::ObservedUnit {
+                            host_routes: self.host_routes()?,
+                            ..Default::default()
+                        },
                         ..Snapshot::default()
                     }
                 } else {

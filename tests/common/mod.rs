@@ -98,3 +98,21 @@ impl Unit {
         }
     }
 }
+
+/// A system alert as an SM sends it (at a fixed time).
+pub fn system_alert(message: &str) -> aos_cm::api::proto::servicemanager::v5::SmOutgoingMessages {
+    use aos_cm::api::proto::servicemanager::v5 as pb;
+    pb::SmOutgoingMessages {
+        sm_outgoing_message: Some(pb::sm_outgoing_messages::SmOutgoingMessage::Alert(
+            pb::Alert {
+                timestamp: Some(prost_types::Timestamp {
+                    seconds: 1_790_000_000,
+                    nanos: 0,
+                }),
+                alert_item: Some(pb::alert::AlertItem::SystemAlert(pb::SystemAlert {
+                    message: message.to_owned(),
+                })),
+            },
+        )),
+    }
+}
