@@ -408,3 +408,52 @@ async fn limit_iam_client_decoding_size() {
     let info = client.get_node_info(&small).await.unwrap();
     assert_eq!(info.node_id, small);
 }
+
+// ---- bounded queues: what SMs send before the cloud link drains it ----------------------------
+
+#[test]
+fn limit_sm_intake_buffers() {
+    use aos_cm::api::sm::intake::{ALERT_CACHE, Intake, LOG_PARTS, MONITORING_SAMPLES};
+    let intake = Intake::default();
+    // Alerts: a fixed cache; the overflow is counted, not queued.
+    for i in 0..ALERT_CACHE + 5 {
+        let alert = pb::Alert {
+            timestamp: None,
+            alert_item: Some(pb::alert::AlertItem::SystemAlert(pb::SystemAlert {
+                message: format!("alert {i}"),
+            })),
+        };
+        assert_eq!(intake.alert("main", &alert), i < ALERT_CACHE);
+    }
+    assert_eq!(intake.counters().alerts_overflow, 5);
+    assert_eq!(intake.drain_alerts().len(), ALERT_CACHE);
+    // Log parts: the newest are kept.
+    for part in 0..LOG_PARTS as u64 + 3 {
+        let log = pb::LogData {
+            part,
+            ..Default::default()
+        };
+        intake.log("main", &log);
+    }
+    assert_eq!(intake.counters().logs_overflow, 3);
+    let logs = intake.drain_logs();
+    assert_eq!(logs.len(), LOG_PARTS);
+    assert_eq!(logs[0].1.part, 3);
+    // Monitoring: the newest samples per node.
+    for ram in 0..MONITORING_SAMPLES as u64 + 4 {
+        let m = pb::InstantMonitoring {
+            node_monitoring: Some(pb::MonitoringData {
+                ram,
+                ..Default::default()
+            }),
+            instances_monitoring: Vec::new(),
+        };
+        intake.monitoring("main", &m);
+    }
+    assert_eq!(intake.counters().samples_dropped, 4);
+    let samples = &intake.drain_node_monitoring()["main"];
+    assert_eq!(samples.len(), MONITORING_SAMPLES);
+    assert_eq!(samples[0].ram, 4);
+    // Still taking new input after the overflow.
+    assert!(intake.alert("main", &pb::Alert::default()));
+}
