@@ -132,9 +132,10 @@ pub fn sm_message(data: &[u8]) -> Result<(), String> {
                 }
             }
             messages_json(&telemetry::env_status_to_cloud(&instances))?;
-            match errors.is_empty() {
-                true => Ok(()),
-                false => Err(errors.join("; ")),
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(errors.join("; "))
             }
         }
         Out::Log(l) => messages_json(&telemetry::push_log(NODE, &l)),
@@ -166,8 +167,11 @@ fn messages_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
         .map_err(|e| format!("serialize: {e}"))
 }
 
+/// One entry point: the input accepted, or the error it was rejected with.
+pub type Entry = fn(&[u8]) -> Result<(), String>;
+
 /// The fuzz targets by name, for the replay test.
-pub const TARGETS: [(&str, fn(&[u8]) -> Result<(), String>); 5] = [
+pub const TARGETS: [(&str, Entry); 5] = [
     ("cloud_frame", cloud_frame),
     ("unit_config", unit_config),
     ("config_file", config_file),

@@ -2,8 +2,8 @@
 //! fuzz targets call (`aos_cm::fuzzing`): no input may panic, and a rejected input must come
 //! with a non-empty error.
 
-use aos_cm::api::proto::servicemanager::v5 as pb;
 use aos_cm::api::proto::common::v2 as pbc;
+use aos_cm::api::proto::servicemanager::v5 as pb;
 use aos_cm::fuzzing;
 use prost::Message as _;
 use std::path::{Path, PathBuf};
@@ -82,8 +82,7 @@ fn ident(item: &str, subject: &str, instance: u64) -> Option<pbc::InstanceIdent>
 #[ignore = "writes fuzz seeds"]
 fn write_sm_seeds() {
     use pb::sm_outgoing_messages::SmOutgoingMessage as Out;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/desired-states/fresh-install");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/desired-states/fresh-install");
     let mut snap = aos_cm::scenario::load(&dir).unwrap().snapshot;
     let mut seeds: Vec<Out> = aos_cm::sim::unit::before_sms_connect(&mut snap)
         .into_iter()
@@ -132,7 +131,6 @@ fn write_sm_seeds() {
             name: "storages".into(),
             used_size: 10,
         }],
-        ..Default::default()
     };
     seeds.push(Out::InstantMonitoring(pb::InstantMonitoring {
         node_monitoring: Some(sample.clone()),
@@ -146,13 +144,15 @@ fn write_sm_seeds() {
         node_monitoring: Some(sample),
         instances_monitoring: Vec::new(),
     }));
-    let alert = |item| Out::Alert(pb::Alert {
-        timestamp: Some(prost_types::Timestamp {
-            seconds: 1_780_000_000,
-            nanos: 0,
-        }),
-        alert_item: Some(item),
-    });
+    let alert = |item| {
+        Out::Alert(pb::Alert {
+            timestamp: Some(prost_types::Timestamp {
+                seconds: 1_780_000_000,
+                nanos: 0,
+            }),
+            alert_item: Some(item),
+        })
+    };
     use pb::alert::AlertItem as A;
     seeds.push(alert(A::SystemAlert(pb::SystemAlert {
         message: "disk".into(),

@@ -1560,18 +1560,20 @@ pub mod limits {
 }
 
 fn check_count(path: &str, n: usize, max: usize) -> Result<(), String> {
-    match n > max {
-        true => Err(format!("{path} has {n} entries, at most {max} allowed")),
-        false => Ok(()),
+    if n > max {
+        return Err(format!("{path} has {n} entries, at most {max} allowed"));
     }
+    Ok(())
 }
 
 fn check_len(path: &str, s: &str, max: usize) -> Result<(), String> {
     let n = s.chars().count();
-    match n > max {
-        true => Err(format!("{path} is {n} characters long, at most {max} allowed")),
-        false => Ok(()),
+    if n > max {
+        return Err(format!(
+            "{path} is {n} characters long, at most {max} allowed"
+        ));
     }
+    Ok(())
 }
 
 /// Checks a parsed cloud→unit message against upstream's capacity limits.
@@ -1581,7 +1583,11 @@ pub fn check_limits(msg: &Message) -> Result<(), String> {
         Message::BlobUrls(b) => {
             check_count("data.items", b.items.len(), BLOBS)?;
             for (i, item) in b.items.iter().enumerate() {
-                check_count(&format!("data.items[{i}].urls"), item.urls.len(), URLS_PER_BLOB)?;
+                check_count(
+                    &format!("data.items[{i}].urls"),
+                    item.urls.len(),
+                    URLS_PER_BLOB,
+                )?;
                 if let Some(sign) = &item.sign_info {
                     check_count(
                         &format!("data.items[{i}].signInfo.ocspValues"),
@@ -1591,11 +1597,15 @@ pub fn check_limits(msg: &Message) -> Result<(), String> {
                 }
             }
         }
-        Message::RequestLog(r) => check_count("data.filter.nodeIds", r.filter.node_ids.len(), NODES)?,
+        Message::RequestLog(r) => {
+            check_count("data.filter.nodeIds", r.filter.node_ids.len(), NODES)?
+        }
         Message::UpdateState(u) => {
             let n = u.state.len();
             if n > STATE_LEN {
-                return Err(format!("data.state is {n} bytes, at most {STATE_LEN} allowed"));
+                return Err(format!(
+                    "data.state is {n} bytes, at most {STATE_LEN} allowed"
+                ));
             }
         }
         Message::OverrideEnvVars(o) => {
@@ -1644,7 +1654,8 @@ fn json_error(e: &serde_json::Error) -> String {
 /// Parses and checks an incoming frame in the order upstream does: JSON, header (version 7, own
 /// system ID, keys matched case-insensitively), then `data.messageType`, then the body.
 pub fn parse_frame(text: &str, system_id: &str) -> Result<Envelope, FrameError> {
-    let raw: Value = serde_json::from_str(text).map_err(|e| FrameError::Malformed(json_error(&e)))?;
+    let raw: Value =
+        serde_json::from_str(text).map_err(|e| FrameError::Malformed(json_error(&e)))?;
     let mut root = match canonicalize_keys(raw) {
         Value::Object(map) => map,
         _ => {

@@ -131,9 +131,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// message over `max_message_size`, `INVALID_ARGUMENT` for anything else.
 fn bad_message(status: &Status) -> Status {
     let message = format!("bad message: {}", status.message());
-    match super::server::is_too_large(status.code(), status.message()) {
-        true => Status::resource_exhausted(message),
-        false => Status::invalid_argument(message),
+    if super::server::is_too_large(status.code(), status.message()) {
+        Status::resource_exhausted(message)
+    } else {
+        Status::invalid_argument(message)
     }
 }
 
