@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod demo;
 pub mod engine;
 pub mod executor;
+pub mod fuzzing;
 pub mod imagestore;
 pub mod journalalerts;
 pub mod metrics;

@@ -132,6 +132,8 @@ pub struct LinkCounters {
     pub unknown_type: u64,
     /// Frames over `max_message_size` (the session is closed and reopened).
     pub oversized: u64,
+    /// Frames over a per-message capacity limit (too many entries, too long a value).
+    pub over_limit: u64,
     /// Unit→cloud message types received from the cloud (not ACKed).
     pub unexpected: u64,
     pub acks_sent: u64,
@@ -654,6 +656,7 @@ impl LinkRunner {
             Err(err) => {
                 self.shared.count(|c| match err {
                     FrameError::Malformed(_) | FrameError::Body { .. } => c.malformed += 1,
+                    FrameError::OverLimit { .. } => c.over_limit += 1,
                     FrameError::WrongVersion(_) => c.wrong_version += 1,
                     FrameError::WrongSystemId(_) => c.wrong_system_id += 1,
                     FrameError::UnknownType(_) => c.unknown_type += 1,

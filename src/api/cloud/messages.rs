@@ -1528,13 +1528,134 @@ pub enum FrameError {
     /// The body of a known message type does not parse.
     #[error("data ({message_type}): {error}")]
     Body { message_type: String, error: String },
+    /// The body parses but is over one of upstream's capacity limits (reference 2.10); the
+    /// error names the member and the limit.
+    #[error("data ({message_type}): {error}")]
+    OverLimit { message_type: String, error: String },
+}
+
+/// Capacity limits of upstream (reference 2.10) for the cloud→unit messages other than
+/// `desiredStatus` (whose limits `desired` checks).
+pub mod limits {
+    /// Blobs per `blobUrls`.
+    pub const BLOBS: usize = 16;
+    /// URLs per blob.
+    pub const URLS_PER_BLOB: usize = 8;
+    /// OCSP values per signature (not capped upstream at a documented value; kept small).
+    pub const OCSP_VALUES: usize = 8;
+    /// Nodes in a log filter, in unit secrets.
+    pub const NODES: usize = super::super::MAX_NODES;
+    /// Instances in `overrideEnvVars`.
+    pub const ENV_INSTANCES: usize = super::super::MAX_INSTANCES;
+    /// Variables per instance, and the lengths of a name and a value.
+    pub const ENV_VARS: usize = 16;
+    pub const ENV_NAME_LEN: usize = 64;
+    pub const ENV_VALUE_LEN: usize = 256;
+    /// Certificate types (`offline`, `online`, `sm`, `cm`, `iam`): certificates per node.
+    pub const CERTS_PER_NODE: usize = 5;
+    /// Certificates in one unit-wide renewal.
+    pub const CERTS: usize = NODES * CERTS_PER_NODE;
+    /// Instance state content, bytes.
+    pub const STATE_LEN: usize = 64 * 1024;
+}
+
+fn check_count(path: &str, n: usize, max: usize) -> Result<(), String> {
+    if n > max {
+        return Err(format!("{path} has {n} entries, at most {max} allowed"));
+    }
+    Ok(())
+}
+
+fn check_len(path: &str, s: &str, max: usize) -> Result<(), String> {
+    let n = s.chars().count();
+    if n > max {
+        return Err(format!(
+            "{path} is {n} characters long, at most {max} allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a parsed cloud→unit message against upstream's capacity limits.
+pub fn check_limits(msg: &Message) -> Result<(), String> {
+    use limits::*;
+    match msg {
+        Message::BlobUrls(b) => {
+            check_count("data.items", b.items.len(), BLOBS)?;
+            for (i, item) in b.items.iter().enumerate() {
+                check_count(
+                    &format!("data.items[{i}].urls"),
+                    item.urls.len(),
+                    URLS_PER_BLOB,
+                )?;
+                if let Some(sign) = &item.sign_info {
+                    check_count(
+                        &format!("data.items[{i}].signInfo.ocspValues"),
+                        sign.ocsp_values.len(),
+                        OCSP_VALUES,
+                    )?;
+                }
+            }
+        }
+        Message::RequestLog(r) => {
+            check_count("data.filter.nodeIds", r.filter.node_ids.len(), NODES)?
+        }
+        Message::UpdateState(u) => {
+            let n = u.state.len();
+            if n > STATE_LEN {
+                return Err(format!(
+                    "data.state is {n} bytes, at most {STATE_LEN} allowed"
+                ));
+            }
+        }
+        Message::OverrideEnvVars(o) => {
+            check_count("data.items", o.items.len(), ENV_INSTANCES)?;
+            for (i, item) in o.items.iter().enumerate() {
+                let path = format!("data.items[{i}].variables");
+                check_count(&path, item.variables.len(), ENV_VARS)?;
+                for (j, v) in item.variables.iter().enumerate() {
+                    check_len(&format!("{path}[{j}].name"), &v.name, ENV_NAME_LEN)?;
+                    check_len(&format!("{path}[{j}].value"), &v.value, ENV_VALUE_LEN)?;
+                }
+            }
+        }
+        Message::RenewCertificatesNotification(n) => {
+            check_count("data.certificates", n.certificates.len(), CERTS)?;
+            check_count("data.unitSecrets.nodes", n.unit_secrets.nodes.len(), NODES)?;
+        }
+        Message::IssuedUnitCertificates(c) => {
+            check_count("data.certificates", c.certificates.len(), CERTS)?
+        }
+        Message::FinishProvisioningRequest(r) => {
+            check_count("data.certificates", r.certificates.len(), CERTS_PER_NODE)?
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// How deep JSON may nest: serde_json's recursion limit, which also bounds our recursion over
+/// the parsed value.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// A JSON syntax error; running into serde_json's recursion limit is named as the nesting
+/// limit it is.
+fn json_error(e: &serde_json::Error) -> String {
+    match e.to_string() {
+        s if s.starts_with("recursion limit exceeded") => format!(
+            "invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels (line {}, column {})",
+            e.line(),
+            e.column()
+        ),
+        s => format!("invalid JSON: {s}"),
+    }
 }
 
 /// Parses and checks an incoming frame in the order upstream does: JSON, header (version 7, own
 /// system ID, keys matched case-insensitively), then `data.messageType`, then the body.
 pub fn parse_frame(text: &str, system_id: &str) -> Result<Envelope, FrameError> {
-    let raw: Value = serde_json::from_str(text)
-        .map_err(|e| FrameError::Malformed(format!("invalid JSON: {e}")))?;
+    let raw: Value =
+        serde_json::from_str(text).map_err(|e| FrameError::Malformed(json_error(&e)))?;
     let mut root = match canonicalize_keys(raw) {
         Value::Object(map) => map,
         _ => {
@@ -1576,6 +1697,10 @@ pub fn parse_frame(text: &str, system_id: &str) -> Result<Envelope, FrameError> 
     let data = Message::deserialize(&data_value).map_err(|e| FrameError::Body {
         message_type: message_type.clone(),
         error: e.to_string(),
+    })?;
+    check_limits(&data).map_err(|error| FrameError::OverLimit {
+        message_type,
+        error,
     })?;
     Ok(Envelope { header, data })
 }

@@ -127,6 +127,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The status a stream is closed with when reading from it failed: `RESOURCE_EXHAUSTED` for a
+/// message over `max_message_size`, `INVALID_ARGUMENT` for anything else.
+fn bad_message(status: &Status) -> Status {
+    let message = format!("bad message: {}", status.message());
+    if super::server::is_too_large(status.code(), status.message()) {
+        Status::resource_exhausted(message)
+    } else {
+        Status::invalid_argument(message)
+    }
+}
+
 fn conn_msg(connected: bool) -> pb::SmIncomingMessages {
     pb::SmIncomingMessages {
         sm_incoming_message: Some(In::ConnectionStatus(pb::ConnectionStatus {
@@ -683,12 +694,7 @@ impl SmController {
             Ok(Some(m)) => m.sm_outgoing_message,
             Ok(None) => return,
             Err(status) => {
-                self.bad(
-                    None,
-                    &tx,
-                    Status::invalid_argument(format!("bad message: {}", status.message())),
-                )
-                .await;
+                self.bad(None, &tx, bad_message(&status)).await;
                 return;
             }
         };
@@ -736,12 +742,7 @@ impl SmController {
                 },
                 Ok(None) => break,
                 Err(status) => {
-                    self.bad(
-                        Some(&node),
-                        &tx,
-                        Status::invalid_argument(format!("bad message: {}", status.message())),
-                    )
-                    .await;
+                    self.bad(Some(&node), &tx, bad_message(&status)).await;
                     break;
                 }
             }
