@@ -19,8 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use aos_cm::model::{Allocations, ItemState};
-use aos_cm::sim::cloud::{CloudOptions, Frame, SimCloud};
-use aos_cm::sim::iam::{SimIam, SimIamConfig};
+use aos_cm::sim::cloud::{Frame, SimCloud};
 use aos_cm::sim::sm::{SimOptions, SimSm};
 use aos_cm::store::Store;
 use common::process::*;
@@ -147,12 +146,13 @@ struct Outcome {
 
 /// One run of the example unit with `kills` kill points drawn from `rng` (none: undisturbed).
 async fn run(rng: &mut Rng, kills: usize) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    let mut options = CloudOptions::new(SYSTEM_ID);
-    options.blob_dir = Some(example().join("blobs"));
-    let cloud = SimCloud::start(options).await.unwrap();
-    let iam = SimIam::start(SimIamConfig::example()).await.expect("IAM");
-    let (config, sms) = prepare(dir.path(), &cloud, Some(&iam));
+    let ExampleUnit {
+        dir,
+        cloud,
+        iam: _iam,
+        config,
+        sms,
+    } = example_unit().await;
     let mut daemon = spawn(&config).await;
     let sm_options = SimOptions {
         delay: Duration::from_millis(rng.below(200)),

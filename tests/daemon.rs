@@ -67,15 +67,14 @@ enum Disturb {
 }
 
 async fn run_unit(disturb: Disturb) -> (Option<Allocations>, Allocations) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut options = CloudOptions::new(SYSTEM_ID);
-    options.blob_dir = Some(example().join("blobs"));
-    let cloud = SimCloud::start(options).await.unwrap();
     // Identity and nodes from the simulated IAM, which stays up while the daemon restarts.
-    let iam = aos_cm::sim::iam::SimIam::start(aos_cm::sim::iam::SimIamConfig::example())
-        .await
-        .expect("IAM");
-    let (config, sms) = prepare(dir.path(), &cloud, Some(&iam));
+    let ExampleUnit {
+        dir,
+        cloud,
+        iam,
+        config,
+        sms,
+    } = example_unit().await;
     let mut daemon = spawn(&config).await;
     let options = SimOptions {
         delay: Duration::from_millis(300),
@@ -651,14 +650,13 @@ impl Drop for StallingBlobServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_during_a_download_is_resumed_with_a_range_request_after_the_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut options = CloudOptions::new(SYSTEM_ID);
-    options.blob_dir = Some(example().join("blobs"));
-    let cloud = SimCloud::start(options).await.unwrap();
-    let iam = aos_cm::sim::iam::SimIam::start(aos_cm::sim::iam::SimIamConfig::example())
-        .await
-        .expect("IAM");
-    let (config, sms) = prepare(dir.path(), &cloud, Some(&iam));
+    let ExampleUnit {
+        dir,
+        cloud,
+        iam: _iam,
+        config,
+        sms,
+    } = example_unit().await;
     // The layer item's layer blob comes from the stalling HTTP server.
     let sc = scenario::load(&example()).unwrap();
     let layer = sc

@@ -162,3 +162,32 @@ pub async fn terminate(mut d: Daemon) -> std::process::ExitStatus {
         .expect("exits within 5 s after SIGTERM")
         .expect("wait")
 }
+
+/// The example unit ready for a daemon in IAM mode: a working directory, the simulated cloud
+/// (serving the example's blobs) and IAM, which stay up while the daemon restarts, the config
+/// and the SM infos of the nodes.
+pub struct ExampleUnit {
+    pub dir: tempfile::TempDir,
+    pub cloud: SimCloud,
+    pub iam: aos_cm::sim::iam::SimIam,
+    pub config: PathBuf,
+    pub sms: Vec<(String, SmInfo)>,
+}
+
+pub async fn example_unit() -> ExampleUnit {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = aos_cm::sim::cloud::CloudOptions::new(SYSTEM_ID);
+    options.blob_dir = Some(example().join("blobs"));
+    let cloud = SimCloud::start(options).await.unwrap();
+    let iam = aos_cm::sim::iam::SimIam::start(aos_cm::sim::iam::SimIamConfig::example())
+        .await
+        .expect("IAM");
+    let (config, sms) = prepare(dir.path(), &cloud, Some(&iam));
+    ExampleUnit {
+        dir,
+        cloud,
+        iam,
+        config,
+        sms,
+    }
+}
