@@ -115,6 +115,10 @@ struct Inner {
     waiters: Mutex<Vec<Waiter>>,
     intake: Intake,
     counters: SmCounters,
+    /// Per node, the instances whose statuses this controller has recorded (after the node's
+    /// first full status, which is checked against the whole table): a later full status
+    /// removes the ones it no longer lists without reading every instance of the unit.
+    reported: Mutex<HashMap<String, BTreeSet<InstanceIdent>>>,
 }
 
 /// The SM controller; cheap to clone.
@@ -165,6 +169,7 @@ impl SmController {
                 waiters: Mutex::new(Vec::new()),
                 intake: Intake::default(),
                 counters: SmCounters::default(),
+                reported: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -585,11 +590,27 @@ impl SmController {
                 }
             }
         }
+        let listed: BTreeSet<InstanceIdent> = reported.iter().map(|r| r.ident.clone()).collect();
+        let known = lock(&self.inner.reported).get(node).cloned();
         let result = self.inner.store.write_observed(|tx| {
             if full {
-                let listed: BTreeSet<&InstanceIdent> = reported.iter().map(|r| &r.ident).collect();
-                for (ident, r) in tx.reported_instances()? {
-                    if r.node_id == node && !listed.contains(&ident) {
+                // Records of this node the new list leaves out: from what this controller
+                // wrote, or from the whole table the first time.
+                let gone: Vec<InstanceIdent> = match &known {
+                    Some(known) => known.difference(&listed).cloned().collect(),
+                    None => tx
+                        .reported_instances()?
+                        .into_iter()
+                        .filter(|(ident, r)| r.node_id == node && !listed.contains(ident))
+                        .map(|(ident, _)| ident)
+                        .collect(),
+                };
+                for ident in gone {
+                    // It may have moved to another node meanwhile; that record stays.
+                    if tx
+                        .reported_instance(&ident)?
+                        .is_some_and(|r| r.node_id == node)
+                    {
                         tx.remove_reported_instance(&ident)?;
                     }
                 }
@@ -599,8 +620,16 @@ impl SmController {
             }
             Ok(())
         });
-        if let Err(e) = result {
-            tracing::warn!(node, error = %e, "could not record instance statuses");
+        match result {
+            Ok(()) => {
+                let mut all = lock(&self.inner.reported);
+                if full {
+                    all.insert(node.to_owned(), listed);
+                } else if let Some(set) = all.get_mut(node) {
+                    set.extend(listed);
+                }
+            }
+            Err(e) => tracing::warn!(node, error = %e, "could not record instance statuses"),
         }
         self.resolve_waiters(node, &reported, full);
     }
