@@ -588,7 +588,11 @@ async fn instance_state_is_requested_updated_and_reported() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
     // The instance changes its state: the unit sends it, with its checksum.
     let changed = "counter=42\n";
-    std::fs::write(&path, changed).unwrap();
+    // Written whole (a new file renamed over the old): the unit reads the file on a blocking
+    // thread, and a truncate-then-write could be seen half done, as an empty state.
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, changed).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
     let new_state = cloud
         .wait_for(|frames| {
             frames
