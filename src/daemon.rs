@@ -133,6 +133,8 @@ struct Resolved {
     source: Source,
     /// Serial of the `online` certificate IAM gave (IAM and a TLS cloud only).
     online_serial: Option<String>,
+    /// Serial of the certStorage certificate the SM server serves (IAM with caCert only).
+    sm_serial: Option<String>,
 }
 
 /// With an `identity` section: that. Without: IAM at `iamPublicServerUrl` /
@@ -144,6 +146,7 @@ async fn resolve_identity(config: &Config, ca: Option<&str>) -> Result<Resolved,
             id: id.clone(),
             source: Source::Static,
             online_serial: None,
+            sm_serial: None,
         });
     }
     if config.iam_public_server_url.trim().is_empty() {
@@ -202,19 +205,21 @@ async fn resolve_identity(config: &Config, ca: Option<&str>) -> Result<Resolved,
         online_serial = Some(online.serial);
     }
     // With caCert the SM server runs mutual TLS with the CM's own certificate (certStorage).
-    if let Some(ca) = ca {
+    let mut sm_serial = None;
+    if ca.is_some() {
         let own = client
             .get_cert(&config.cert_storage, &[], "")
             .await
             .map_err(setup("IAM GetCert for the SM server (certStorage)"))?;
-        sm_tls_from(&own, ca)?;
         id.sm_cert_file = file_path(&own.cert_url);
         id.sm_key_file = file_path(&own.key_url);
+        sm_serial = Some(own.serial);
     }
     Ok(Resolved {
         id,
         source: Source::Iam(client),
         online_serial,
+        sm_serial,
     })
 }
 
@@ -407,6 +412,20 @@ fn with_port(url: &str, port: u16) -> String {
     }
 }
 
+/// Writes `imageManager.updateItemTtl` into the planning settings (one transaction, and none
+/// when the store already has it).
+fn store_item_ttl(store: &Store, ttl: Duration) -> Result<(), crate::store::StoreError> {
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    store.write(|tx| {
+        let mut settings = tx.settings()?;
+        if settings.update_item_ttl_ms != ttl_ms {
+            settings.update_item_ttl_ms = ttl_ms;
+            tx.set_settings(&settings)?;
+        }
+        Ok(())
+    })
+}
+
 /// A `file://` URL or a plain path as a path.
 fn file_path(url: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url))
@@ -481,17 +500,8 @@ impl Daemon {
             Arc::new(Store::open(&config.store_path()).map_err(setup("opening the store"))?);
 
         // Planning settings from the config; the UID pool stays as the store has it.
-        let mut settings = store
-            .read(|r| r.settings())
-            .map_err(setup("reading the store"))?;
-        let ttl_ms =
-            u64::try_from(config.image_manager.update_item_ttl.as_millis()).unwrap_or(u64::MAX);
-        if settings.update_item_ttl_ms != ttl_ms {
-            settings.update_item_ttl_ms = ttl_ms;
-            store
-                .write(|tx| tx.set_settings(&settings))
-                .map_err(setup("writing the settings"))?;
-        }
+        store_item_ttl(&store, config.image_manager.update_item_ttl)
+            .map_err(setup("writing the settings"))?;
 
         // Nodes from the identity's nodes file; what SMs reported stays.
         if !id.nodes_file.as_os_str().is_empty() {
@@ -785,12 +795,9 @@ impl Daemon {
                         )),
                     ));
                 }
-                if let (Some(ca), true) = (ca_pem.clone(), sm_tls_on) {
-                    let serial = client
-                        .get_cert(&config.cert_storage, &[], "")
-                        .await
-                        .map(|c| c.serial)
-                        .unwrap_or_default();
+                if let (Some(ca), Some(serial), true) =
+                    (ca_pem.clone(), ident.sm_serial.clone(), sm_tls_on)
+                {
                     tasks.push(Task::new(
                         "SM server certificate",
                         Stop::Graceful,
@@ -874,14 +881,7 @@ impl Daemon {
                 .send_replace(AgentConfig::from_config(new));
         }
         if new.image_manager.update_item_ttl != old.image_manager.update_item_ttl {
-            let ttl_ms =
-                u64::try_from(new.image_manager.update_item_ttl.as_millis()).unwrap_or(u64::MAX);
-            self.store
-                .write(|tx| {
-                    let mut settings = tx.settings()?;
-                    settings.update_item_ttl_ms = ttl_ms;
-                    tx.set_settings(&settings)
-                })
+            store_item_ttl(&self.store, new.image_manager.update_item_ttl)
                 .map_err(setup("writing the settings"))?;
             applied.push("imageManager.updateItemTtl");
         }

@@ -2,53 +2,13 @@
 //! from the upstream field numbers (reference grpc-interfaces.md 1.2-1.4) and decoded with the
 //! generated types, and the other way round.
 
+#[path = "common/wire.rs"]
+mod wire;
+
 use aos_cm::api::proto::common::v2 as common;
 use aos_cm::api::proto::servicemanager::v5 as sm;
 use prost::Message;
-
-/// A minimal protobuf writer: tag = field << 3 | wire type.
-#[derive(Default)]
-struct W(Vec<u8>);
-
-impl W {
-    fn varint(&mut self, mut v: u64) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                self.0.push(b);
-                return;
-            }
-            self.0.push(b | 0x80);
-        }
-    }
-    fn uint(mut self, field: u32, v: u64) -> Self {
-        self.varint(u64::from(field) << 3);
-        self.varint(v);
-        self
-    }
-    fn bytes(mut self, field: u32, b: &[u8]) -> Self {
-        self.varint((u64::from(field) << 3) | 2);
-        self.varint(b.len() as u64);
-        self.0.extend_from_slice(b);
-        self
-    }
-    fn str(self, field: u32, s: &str) -> Self {
-        self.bytes(field, s.as_bytes())
-    }
-    fn msg(self, field: u32, m: W) -> Self {
-        self.bytes(field, &m.0)
-    }
-    fn double(mut self, field: u32, v: f64) -> Self {
-        self.varint((u64::from(field) << 3) | 1);
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-}
-
-fn w() -> W {
-    W::default()
-}
+use wire::{W, w};
 
 #[test]
 fn sm_info_from_upstream_field_numbers() {
