@@ -239,7 +239,8 @@ impl Scheduler {
             }
             if let Some(at) = next_allowed.filter(|at| *at > tokio::time::Instant::now()) {
                 tokio::select! {
-                    changed = stop.changed() => if changed.is_err() { return },
+                    // A stop seen here must end the task: the wait below would not see it again.
+                    changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
                     () = tokio::time::sleep_until(at) => {}
                 }
                 while changes.try_recv().is_ok() {}
@@ -280,7 +281,7 @@ impl Scheduler {
                 }
             };
             tokio::select! {
-                changed = stop.changed() => if changed.is_err() { return },
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
                 change = changes.recv() => if change.is_none() { return },
                 () = timer => {}
             }
