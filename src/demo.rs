@@ -24,6 +24,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod churn;
+
+pub use churn::Churn;
+
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/example_unit.rs"));
 }
@@ -40,6 +44,8 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Keep the store here (for `aos-cm status`) instead of a temporary directory.
     pub workdir: Option<PathBuf>,
+    /// After converging, keep changing the desired state (bundled example only).
+    pub churn: Option<Churn>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -346,6 +352,11 @@ async fn run_in(
             "--sm-listen {listen}: the demo listens on loopback only (127.0.0.1 or [::1])"
         )));
     }
+    if opts.churn.is_some() && opts.nodes.is_some() {
+        return Err(DemoError::Setup(
+            "--churn runs on the bundled example, whose desired state comes from the cloud; drop --nodes".into(),
+        ));
+    }
     let (mut snap, sms) = unit_to_run(opts, dir)?;
     for ext in &opts.external {
         if !sms.iter().any(|(n, _)| n == ext) {
@@ -461,15 +472,34 @@ async fn run_in(
          every requested instance on a node, allocates networks, pushes node configs, and\n\
          reports the unit's status back to the cloud.\n"
     );
-    let result = converge(opts, &daemon, &sms, &cloud, desired_data, out).await;
+    let base = desired_data.as_ref().map(|(_, data)| data.clone());
+    let result = match converge(opts, &daemon, &sms, &cloud, desired_data, out).await {
+        Ok(mut sims) => match (opts.churn, base) {
+            (Some(c), Some(base)) => churn::run(c, &daemon, &mut sims, &cloud, &base, out).await,
+            _ => Ok(()),
+        },
+        Err(e) => Err(e),
+    };
     if !daemon.shutdown(Duration::from_secs(5)).await {
         let _ = writeln!(out, "(some parts of the CM did not stop within 5 s)");
     }
     result
 }
 
+/// Connects a simulated SM to the daemon's SM server.
+async fn connect_sm(daemon: &Daemon, sim: &mut SimSm) -> Result<(), DemoError> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", daemon.sm_addr))
+        .map_err(setup("the SM server address"))?
+        .connect()
+        .await
+        .map_err(setup("connecting a simulated SM"))?;
+    sim.connect(channel)
+        .await
+        .map_err(setup("connecting a simulated SM"))
+}
+
 /// Connects the simulated SMs, sends the desired state and follows the store until the unit
-/// has converged or the time is up.
+/// has converged or the time is up. Returns the connected SMs.
 async fn converge(
     opts: &DemoOptions,
     daemon: &Daemon,
@@ -477,7 +507,7 @@ async fn converge(
     cloud: &SimCloud,
     desired_data: Option<(String, serde_json::Value)>,
     out: &mut (impl Write + Send),
-) -> Result<(), DemoError> {
+) -> Result<Vec<SimSm>, DemoError> {
     let mut progress = Progress {
         started: Instant::now(),
         last: String::new(),
@@ -489,15 +519,8 @@ async fn converge(
         if opts.external.contains(node) {
             continue;
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", daemon.sm_addr))
-            .map_err(setup("the SM server address"))?
-            .connect()
-            .await
-            .map_err(setup("connecting a simulated SM"))?;
         let mut sim = SimSm::new(node, info.clone(), SimOptions::default());
-        sim.connect(channel)
-            .await
-            .map_err(setup("connecting a simulated SM"))?;
+        connect_sm(daemon, &mut sim).await?;
         sims.push(sim);
     }
     if let Some((_, data)) = desired_data {
@@ -529,7 +552,7 @@ async fn converge(
             );
             summary(&snap, out);
             cloud_summary(cloud, deadline, out).await;
-            return Ok(());
+            return Ok(sims);
         }
         if tokio::time::timeout_at(deadline, changes.recv())
             .await

@@ -46,13 +46,14 @@ enum Command {
     },
     /// Run the CM against a simulated cloud and simulated nodes; watch the unit converge.
     ///
-    /// The real SM server, store, reconcilers, runner, executor, cloud link and blob pipeline
-    /// run in this process. A simulated AosCloud (service discovery and a v7 WebSocket) sends
-    /// the desired state and serves the blobs; the nodes' Service Managers are simulated and
-    /// connect over loopback gRPC. The unit is the bundled example (3 nodes, 5 items) unless
-    /// --nodes asks for a synthetic one (no cloud: its desired state goes into the store). Exit
-    /// status 0 once converged; 1 with the open conditions if it does not converge in time. Not
-    /// part of the demo: IAM (the nodes' information comes from the example).
+    /// The daemon runs in this process as `aos-cm run` starts it (SM server, store,
+    /// reconcilers, cloud link, blob pipeline, update scheduler). A simulated IAM gives it the
+    /// unit's identity and nodes; a simulated AosCloud (service discovery and a v7 WebSocket)
+    /// sends the desired state and serves the blobs; the nodes' Service Managers are simulated
+    /// and connect over loopback gRPC. The unit is the bundled example (3 nodes, 5 items) unless
+    /// --nodes asks for a synthetic one (its desired state goes into the store). Exit status 0
+    /// once converged (and, with --churn, every period converged); 1 with the open conditions
+    /// if it does not converge in time.
     Demo {
         /// Run a synthetic unit of this many nodes instead of the bundled example
         #[arg(long)]
@@ -72,6 +73,14 @@ enum Command {
         /// Keep the store in this directory afterwards (for `aos-cm status --store DIR`)
         #[arg(long)]
         workdir: Option<PathBuf>,
+        /// After converging, send a new desired state every SECS seconds (four variants in
+        /// turn), drop the cloud connection every sixth period and reconnect an SM every
+        /// sixth; exit status 1 if a period does not converge within it (bundled example only)
+        #[arg(long, value_name = "SECS", conflicts_with = "nodes")]
+        churn: Option<u64>,
+        /// How long the churn goes on, in seconds
+        #[arg(long, value_name = "SECS", default_value_t = 3600, requires = "churn")]
+        run_for: u64,
     },
     /// Run the Communication Manager daemon (the main-node service).
     ///
@@ -169,6 +178,8 @@ fn main() -> ExitCode {
             external,
             timeout,
             workdir,
+            churn,
+            run_for,
         } => demo(aos_cm::demo::DemoOptions {
             nodes,
             instances,
@@ -176,6 +187,10 @@ fn main() -> ExitCode {
             external,
             timeout: std::time::Duration::from_secs(timeout),
             workdir,
+            churn: churn.map(|every| aos_cm::demo::Churn {
+                every: std::time::Duration::from_secs(every.max(1)),
+                run_for: std::time::Duration::from_secs(run_for),
+            }),
         }),
         Command::Plan {
             scenario,

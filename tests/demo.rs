@@ -48,6 +48,46 @@ fn demo_converges_the_bundled_example() {
     );
 }
 
+/// The soak's churn: every period's desired state converges, through a cloud connection drop
+/// and an SM reconnect. The product paces the periods (1 s each); the test only reads output.
+#[test]
+fn demo_churn_converges_every_period_through_reconnects() {
+    let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
+        .args(["demo", "--churn", "1", "--run-for", "6"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for period in [
+        "period 1: variant 1: converged in",
+        "period 3: variant 3 (SM main reconnected): converged in",
+        "period 6: variant 2 (cloud connection dropped): converged in",
+    ] {
+        assert!(stdout.contains(period), "{period}\n{stdout}");
+    }
+    assert!(
+        stdout.contains("churn done: 6 periods, 6 converged within their period"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 cloud drops, 1 SM reconnects"),
+        "{stdout}"
+    );
+
+    // The churn needs the bundled example's cloud-borne desired state.
+    let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
+        .args(["demo", "--nodes", "2", "--churn", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}
+
 #[test]
 fn demo_scales_and_rejects_non_loopback_listen() {
     let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))

@@ -368,6 +368,16 @@ impl SimCloud {
         self.session_send(SessionCmd::Drop);
     }
 
+    /// Forgets the frames, discovery requests, upgrade headers and client certificates
+    /// recorded so far (a long run keeps its memory flat); counters and state stay.
+    pub fn clear_records(&self) {
+        let mut rec = self.shared.rec();
+        rec.frames.clear();
+        rec.discovery_requests.clear();
+        rec.upgrade_headers.clear();
+        rec.client_certs.clear();
+    }
+
     /// Every frame so far, both directions.
     pub fn frames(&self) -> Vec<Frame> {
         self.shared.rec().frames.clone()

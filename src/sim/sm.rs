@@ -222,6 +222,15 @@ impl SimSm {
         }
     }
 
+    /// Forgets the received message kinds, start counts and stream errors recorded so far
+    /// (a long run keeps its memory flat); the runtime's instances stay.
+    pub fn clear_records(&self) {
+        let mut state = lock(&self.state);
+        state.received.clear();
+        state.starts.clear();
+        state.stream_errors.clear();
+    }
+
     /// Waits until the stream has ended (closed by the server or by an error).
     pub async fn wait_closed(&mut self) {
         if let Some(t) = self.task.take() {
