@@ -441,3 +441,57 @@ async fn node_dropped_in_the_middle_of_an_update_has_its_instances_replaced() {
     );
     assert_eq!(snap.allocations.instances[&vision].node_id, "secondary-1");
 }
+
+/// Statuses that many nodes send at once are group-committed: every one is recorded, in the
+/// order each node sent them, and none waits behind a writer that has finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_status_lists_of_many_nodes_are_all_recorded() {
+    use aos_cm::sim::unit::SimUnit;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (unit, sims, desired) = SimUnit::start_synthetic(&dir.path().join("cm.redb"), 12, 12, 96)
+        .await
+        .unwrap();
+    unit.store
+        .write(|tx| tx.set_desired(desired.as_ref()))
+        .unwrap();
+    unit.wait_active(96, Duration::from_secs(30)).await.unwrap();
+    let before = unit.sm.counters().statuses.load(Ordering::Relaxed);
+    // Two changes per instance, one status per message: the second must win everywhere.
+    for note in ["first", "second"] {
+        let sent: usize =
+            futures::future::join_all(sims.iter().map(|s| s.report_running(1, Some(note))))
+                .await
+                .into_iter()
+                .sum();
+        assert_eq!(sent, 96);
+    }
+    let snap = unit
+        .wait_for(Duration::from_secs(30), |s| {
+            s.observed.instances.len() == 96
+                && s.observed
+                    .instances
+                    .values()
+                    .all(|r| r.error.as_deref() == Some("second"))
+        })
+        .await
+        .unwrap();
+    assert!(
+        snap.observed
+            .instances
+            .values()
+            .all(|r| r.state == InstanceState::Active)
+    );
+    // Counted once each (the count follows the commit that the wait above saw).
+    let counter = &unit.sm.counters().statuses;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while counter.load(Ordering::Relaxed) < before + 192 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(counter.load(Ordering::Relaxed) - before, 192);
+    drop(sims);
+    unit.stop().await;
+}

@@ -172,6 +172,40 @@ impl SimSm {
         }
     }
 
+    /// Reports every instance the node runs again, in UpdateInstancesStatus messages of at most
+    /// `batch` statuses. With a `note` each status carries it as an error message (exit code
+    /// 1), so the record changes while the state stays; without, the statuses are as before.
+    /// Returns how many statuses were sent (0 when not connected). Benchmarks use it for
+    /// ingestion.
+    pub async fn report_running(&self, batch: usize, note: Option<&str>) -> usize {
+        let Some(tx) = &self.raw else {
+            return 0;
+        };
+        let statuses: Vec<pb::InstanceStatus> = lock(&self.state)
+            .running
+            .iter()
+            .map(|(k, v)| {
+                let mut s = status(k, v, false);
+                if let (Some(note), Some(e)) = (note, s.error.as_mut()) {
+                    e.exit_code = 1;
+                    e.message = note.to_owned();
+                }
+                s
+            })
+            .collect();
+        let mut sent = 0;
+        for chunk in statuses.chunks(batch.max(1)) {
+            let m = msg(Out::UpdateInstancesStatus(pb::UpdateInstancesStatus {
+                instances: chunk.to_vec(),
+            }));
+            if tx.send(m).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    }
+
     /// Waits until a message of this kind (e.g. "UpdateInstances") has been received.
     pub async fn wait_received(&self, kind: &str) {
         loop {

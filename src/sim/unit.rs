@@ -296,6 +296,69 @@ impl SimUnit {
         (handle, agent)
     }
 
+    /// A synthetic unit (`synthetic::unit`) for benchmarks: the store at `store_path` is seeded
+    /// with its nodes and items but no desired state, the unit started with [`quick_runner`],
+    /// and one zero-delay simulated SM per node connected and registered. Returns the unit, the
+    /// SMs and the desired state, for the caller to commit when its clock starts.
+    pub async fn start_synthetic(
+        store_path: &Path,
+        nodes: usize,
+        items: usize,
+        instances: usize,
+    ) -> Result<(SimUnit, Vec<SimSm>, Option<DesiredState>), SimUnitError> {
+        let mut snap = crate::sim::synthetic::unit(nodes, items, instances, false);
+        let desired = snap.desired.take();
+        {
+            let store = Store::open(store_path)?;
+            store.write(|tx| tx.set_snapshot(&snap))?;
+        }
+        let unit = SimUnit::start(store_path, SmConfig::default(), None, quick_runner()).await?;
+        let mut sims = Vec::with_capacity(nodes);
+        for n in 0..nodes {
+            let id = crate::sim::synthetic::node_id(n);
+            let info = crate::sim::synthetic::sm_info(&id);
+            sims.push(unit.sim(&id, info, SimOptions::default()).await?);
+        }
+        unit.wait_for(Duration::from_secs(30), |s| {
+            s.observed
+                .nodes
+                .values()
+                .all(|n| n.is_connected() && n.sm.is_some())
+        })
+        .await?;
+        Ok((unit, sims, desired))
+    }
+
+    /// Waits until at least `count` instances are reported active. Reads only the reported
+    /// instances, at most every 5 ms, so that a benchmark's harness does not compete with the
+    /// unit for the cores.
+    pub async fn wait_active(&self, count: usize, timeout: Duration) -> Result<(), SimUnitError> {
+        let mut changes = self.store.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let active = self
+                .store
+                .read(|r| r.reported_instances())?
+                .values()
+                .filter(|r| r.state == InstanceState::Active)
+                .count();
+            if active >= count {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changes.recv())
+                .await
+                .is_err()
+            {
+                return Err(SimUnitError::Other(format!(
+                    "{active} of {count} instances active after {} s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            while changes.try_recv().is_ok() {}
+        }
+    }
+
     /// Waits for a committed state that satisfies `cond`, woken by store changes.
     pub async fn wait_for(
         &self,

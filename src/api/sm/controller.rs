@@ -103,6 +103,8 @@ struct Waiter {
 pub struct SmCounters {
     pub bad_messages: AtomicU64,
     pub replaced_streams: AtomicU64,
+    /// Instance statuses recorded in the store (full and incremental lists).
+    pub statuses: AtomicU64,
 }
 
 struct Inner {
@@ -119,6 +121,22 @@ struct Inner {
     /// first full status, which is checked against the whole table): a later full status
     /// removes the ones it no longer lists without reading every instance of the unit.
     reported: Mutex<HashMap<String, BTreeSet<InstanceIdent>>>,
+    /// Status lists waiting for the next group commit.
+    statuses: Mutex<StatusQueue>,
+}
+
+/// One node's status list, converted, waiting to be written.
+struct StatusList {
+    node: String,
+    reported: Vec<ReportedInstance>,
+    full: bool,
+}
+
+#[derive(Default)]
+struct StatusQueue {
+    pending: Vec<StatusList>,
+    /// A caller is writing; new lists wait for it.
+    writing: bool,
 }
 
 /// The SM controller; cheap to clone.
@@ -170,6 +188,7 @@ impl SmController {
                 intake: Intake::default(),
                 counters: SmCounters::default(),
                 reported: Mutex::new(HashMap::new()),
+                statuses: Mutex::new(StatusQueue::default()),
             }),
         }
     }
@@ -590,48 +609,127 @@ impl SmController {
                 }
             }
         }
-        let listed: BTreeSet<InstanceIdent> = reported.iter().map(|r| r.ident.clone()).collect();
-        let known = lock(&self.inner.reported).get(node).cloned();
-        let result = self.inner.store.write_observed(|tx| {
-            if full {
-                // Records of this node the new list leaves out: from what this controller
-                // wrote, or from the whole table the first time.
-                let gone: Vec<InstanceIdent> = match &known {
-                    Some(known) => known.difference(&listed).cloned().collect(),
-                    None => tx
-                        .reported_instances()?
-                        .into_iter()
-                        .filter(|(ident, r)| r.node_id == node && !listed.contains(ident))
-                        .map(|(ident, _)| ident)
-                        .collect(),
-                };
-                for ident in gone {
-                    // It may have moved to another node meanwhile; that record stays.
-                    if tx
-                        .reported_instance(&ident)?
-                        .is_some_and(|r| r.node_id == node)
-                    {
-                        tx.remove_reported_instance(&ident)?;
-                    }
+        // Group commit: the lists of every node that arrive while one is being written go
+        // into the next transaction together, in arrival order. Whoever finds no writer
+        // becomes it and drains the queue; the others return at once.
+        {
+            let mut queue = lock(&self.inner.statuses);
+            queue.pending.push(StatusList {
+                node: node.to_owned(),
+                reported,
+                full,
+            });
+            if queue.writing {
+                return;
+            }
+            queue.writing = true;
+        }
+        // Hands the writer's role back even if writing panics, so that statuses are not
+        // queued forever behind a writer that is gone.
+        struct Writer<'a> {
+            queue: &'a Mutex<StatusQueue>,
+            armed: bool,
+        }
+        impl Drop for Writer<'_> {
+            fn drop(&mut self) {
+                if self.armed {
+                    lock(self.queue).writing = false;
                 }
             }
-            for r in &reported {
-                tx.put_reported_instance(r)?;
+        }
+        let mut writer = Writer {
+            queue: &self.inner.statuses,
+            armed: true,
+        };
+        loop {
+            let lists = {
+                let mut queue = lock(writer.queue);
+                if queue.pending.is_empty() {
+                    // Under the same lock that a new list is queued with, so none is left
+                    // behind without a writer.
+                    queue.writing = false;
+                    writer.armed = false;
+                    return;
+                }
+                std::mem::take(&mut queue.pending)
+            };
+            self.record_statuses(&lists);
+        }
+    }
+
+    /// Writes status lists in one transaction, then updates what this controller knows each
+    /// node reported and resolves the waiters, list by list.
+    fn record_statuses(&self, lists: &[StatusList]) {
+        // What each node touched here is known to have reported, as of the list being
+        // applied (`None`: not known yet, so the first full list is checked against the
+        // whole table).
+        let mut known: HashMap<&str, Option<BTreeSet<InstanceIdent>>> = HashMap::new();
+        {
+            let all = lock(&self.inner.reported);
+            for l in lists {
+                known
+                    .entry(l.node.as_str())
+                    .or_insert_with(|| all.get(&l.node).cloned());
+            }
+        }
+        let result = self.inner.store.write_observed(|tx| {
+            for l in lists {
+                let node = l.node.as_str();
+                let listed: BTreeSet<InstanceIdent> =
+                    l.reported.iter().map(|r| r.ident.clone()).collect();
+                let entry = known.entry(node).or_default();
+                if l.full {
+                    // Records of this node the new list leaves out: from what this controller
+                    // wrote, or from the whole table the first time.
+                    let gone: Vec<InstanceIdent> = match entry.as_ref() {
+                        Some(set) => set.difference(&listed).cloned().collect(),
+                        None => tx
+                            .reported_instances()?
+                            .into_iter()
+                            .filter(|(ident, r)| r.node_id == node && !listed.contains(ident))
+                            .map(|(ident, _)| ident)
+                            .collect(),
+                    };
+                    for ident in gone {
+                        // It may have moved to another node meanwhile; that record stays.
+                        if tx
+                            .reported_instance(&ident)?
+                            .is_some_and(|r| r.node_id == node)
+                        {
+                            tx.remove_reported_instance(&ident)?;
+                        }
+                    }
+                    *entry = Some(listed);
+                } else if let Some(set) = entry.as_mut() {
+                    set.extend(listed);
+                }
+                for r in &l.reported {
+                    tx.put_reported_instance(r)?;
+                }
             }
             Ok(())
         });
         match result {
             Ok(()) => {
+                let count: usize = lists.iter().map(|l| l.reported.len()).sum();
+                self.inner
+                    .counters
+                    .statuses
+                    .fetch_add(count as u64, Ordering::Relaxed);
                 let mut all = lock(&self.inner.reported);
-                if full {
-                    all.insert(node.to_owned(), listed);
-                } else if let Some(set) = all.get_mut(node) {
-                    set.extend(listed);
+                for (node, set) in known {
+                    if let Some(set) = set {
+                        all.insert(node.to_owned(), set);
+                    }
                 }
             }
-            Err(e) => tracing::warn!(node, error = %e, "could not record instance statuses"),
+            Err(e) => {
+                tracing::warn!(lists = lists.len(), error = %e, "could not record instance statuses")
+            }
         }
-        self.resolve_waiters(node, &reported, full);
+        for l in lists {
+            self.resolve_waiters(&l.node, &l.reported, l.full);
+        }
     }
 
     fn on_message(&self, node: &str, msg: Out) {
