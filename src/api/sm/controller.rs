@@ -657,31 +657,22 @@ impl SmController {
         }
     }
 
-    /// Writes status lists in one transaction, then updates what this controller knows each
-    /// node reported and resolves the waiters, list by list.
+    /// Writes status lists in one transaction, keeping up what this controller knows each node
+    /// reported, then resolves the waiters, list by list.
     fn record_statuses(&self, lists: &[StatusList]) {
-        // What each node touched here is known to have reported, as of the list being
-        // applied (`None`: not known yet, so the first full list is checked against the
-        // whole table).
-        let mut known: HashMap<&str, Option<BTreeSet<InstanceIdent>>> = HashMap::new();
-        {
-            let all = lock(&self.inner.reported);
-            for l in lists {
-                known
-                    .entry(l.node.as_str())
-                    .or_insert_with(|| all.get(&l.node).cloned());
-            }
-        }
+        // Only the writer uses this map, so it is held across the transaction and updated as
+        // the lists are applied; if the transaction fails, the nodes' entries are dropped (an
+        // unknown node's next full list is checked against the whole table).
+        let mut known = lock(&self.inner.reported);
         let result = self.inner.store.write_observed(|tx| {
             for l in lists {
                 let node = l.node.as_str();
-                let listed: BTreeSet<InstanceIdent> =
-                    l.reported.iter().map(|r| r.ident.clone()).collect();
-                let entry = known.entry(node).or_default();
                 if l.full {
+                    let listed: BTreeSet<InstanceIdent> =
+                        l.reported.iter().map(|r| r.ident.clone()).collect();
                     // Records of this node the new list leaves out: from what this controller
                     // wrote, or from the whole table the first time.
-                    let gone: Vec<InstanceIdent> = match entry.as_ref() {
+                    let gone: Vec<InstanceIdent> = match known.get(node) {
                         Some(set) => set.difference(&listed).cloned().collect(),
                         None => tx
                             .reported_instances()?
@@ -699,9 +690,9 @@ impl SmController {
                             tx.remove_reported_instance(&ident)?;
                         }
                     }
-                    *entry = Some(listed);
-                } else if let Some(set) = entry.as_mut() {
-                    set.extend(listed);
+                    known.insert(l.node.clone(), listed);
+                } else if let Some(set) = known.get_mut(node) {
+                    set.extend(l.reported.iter().map(|r| r.ident.clone()));
                 }
                 for r in &l.reported {
                     tx.put_reported_instance(r)?;
@@ -716,17 +707,15 @@ impl SmController {
                     .counters
                     .statuses
                     .fetch_add(count as u64, Ordering::Relaxed);
-                let mut all = lock(&self.inner.reported);
-                for (node, set) in known {
-                    if let Some(set) = set {
-                        all.insert(node.to_owned(), set);
-                    }
-                }
             }
             Err(e) => {
-                tracing::warn!(lists = lists.len(), error = %e, "could not record instance statuses")
+                for l in lists {
+                    known.remove(&l.node);
+                }
+                tracing::warn!(lists = lists.len(), error = %e, "could not record instance statuses");
             }
         }
+        drop(known);
         for l in lists {
             self.resolve_waiters(&l.node, &l.reported, l.full);
         }
