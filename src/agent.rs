@@ -288,7 +288,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
     }
 
     fn full_status(&self) -> Option<messages::UnitStatus> {
-        match self.store.snapshot() {
+        match self.store.shared_snapshot() {
             Ok(snap) => {
                 let conditions = self.store.conditions().unwrap_or_default();
                 Some(unitstatus::full_status_of(&snap, &conditions))
@@ -309,7 +309,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
         pending
             && self
                 .store
-                .snapshot()
+                .shared_snapshot()
                 .is_ok_and(|s| crate::sim::unit::converged(&s))
     }
 
@@ -463,7 +463,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
                 }
                 _ = stop.changed() => break,
             }
-            if let Ok(snap) = self.store.snapshot() {
+            if let Ok(snap) = self.store.shared_snapshot() {
                 // State quota by manifest, once per pass.
                 let quotas: std::collections::BTreeMap<&crate::model::Digest, u64> = snap
                     .catalogue
@@ -567,7 +567,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
         }
         let store = self.store.clone();
         let written = tokio::task::spawn_blocking(move || {
-            let current = store.snapshot()?.desired;
+            let current = store.read(|r| r.desired())?;
             match current {
                 Some(mut d) => {
                     d.env_overrides = overrides;
@@ -637,7 +637,7 @@ impl<I: Iam + 'static> CloudInbox for CloudAgent<I> {
         let store = self.store.clone();
         let written = tokio::task::spawn_blocking(move || {
             // Env var overrides come in their own message and outlive a new desired status.
-            if let Some(current) = store.snapshot()?.desired {
+            if let Some(current) = store.read(|r| r.desired())? {
                 desired.env_overrides = current.env_overrides;
             }
             store.write(|tx| tx.set_desired(Some(&desired)))

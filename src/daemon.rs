@@ -507,7 +507,9 @@ impl Daemon {
         if !id.nodes_file.as_os_str().is_empty() {
             let nodes = crate::scenario::load_nodes(&id.nodes_file)
                 .map_err(setup("reading identity.nodesFile"))?;
-            let known = store.snapshot().map_err(setup("reading the store"))?;
+            let known = store
+                .shared_snapshot()
+                .map_err(setup("reading the store"))?;
             store
                 .write(|tx| {
                     for (node_id, mut node) in nodes {

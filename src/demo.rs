@@ -540,7 +540,7 @@ async fn converge(
     loop {
         let snap = daemon
             .store
-            .snapshot()
+            .shared_snapshot()
             .map_err(setup("reading the store"))?;
         let done = !snap.observed.nodes.is_empty() && unit::converged(&snap);
         progress.show(&snap, out, done);

@@ -138,7 +138,7 @@ pub fn reconcilers(store: Arc<Store>, clock: Clock) -> Vec<Reconciler<Action>> {
             let recorded: std::sync::Mutex<Option<Vec<Condition>>> = std::sync::Mutex::new(None);
             Reconciler::new(kind.as_str(), watches(kind), move || {
                 let now = clock();
-                match store.snapshot() {
+                match store.shared_snapshot() {
                     Ok(snap) => {
                         let plan = plan_one(kind, &snap, now);
                         let mut last = recorded

@@ -150,7 +150,7 @@ impl PlacementCommitter {
 /// Fetches one blob; for an item's index the whole image's documents too, and records the
 /// parsed image in the catalogue.
 async fn download_blob(store: &Arc<Store>, f: &Fetcher, digest: &Digest) -> Result<(), String> {
-    let snap = store.snapshot().map_err(|e| e.to_string())?;
+    let snap = store.shared_snapshot().map_err(|e| e.to_string())?;
     let (certs, chains) = snap
         .desired
         .as_ref()

@@ -383,7 +383,7 @@ fn plan_store(path: &std::path::Path, as_json: bool) -> anyhow::Result<ExitCode>
     }
     let store = aos_cm::store::Store::open(&file).with_context(|| file.display().to_string())?;
     let snap = store
-        .snapshot()
+        .shared_snapshot()
         .with_context(|| format!("{}: reading the store", file.display()))?;
     let now = aos_cm::engine::wall_clock()();
     print_plans(&reconcilers::plan_all(&snap, now), as_json)?;

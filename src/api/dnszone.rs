@@ -23,7 +23,7 @@ pub fn sync_once(
     dns: &DnsServer,
     had_conflicts: bool,
 ) -> Result<(usize, bool), StoreError> {
-    let snap = store.snapshot()?;
+    let snap = store.shared_snapshot()?;
     let zone = zone_records(&snap);
     let conflicts = dns.set_records(&zone).err().unwrap_or_default();
     if conflicts.is_empty() && !had_conflicts {

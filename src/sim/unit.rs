@@ -48,7 +48,7 @@ pub struct SimUnit {
 /// The node whose IAM reports the `MainNode` attribute ("" when none does).
 fn main_node_of(store: &Store) -> String {
     store
-        .snapshot()
+        .shared_snapshot()
         .ok()
         .and_then(|s| {
             s.observed

@@ -32,7 +32,7 @@ use read::Source;
 use redb::{Database, ReadableDatabase};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +100,8 @@ pub struct Store {
 
 #[derive(Default)]
 struct SnapshotCache {
-    snapshot: Option<Snapshot>,
+    /// Shared with the readers that still hold it; a refresh copies it only then.
+    snapshot: Option<Arc<Snapshot>>,
     stale: BTreeSet<&'static str>,
 }
 
@@ -131,18 +132,28 @@ impl Store {
         })
     }
 
-    /// Everything the reconcilers read, as one consistent view.
+    /// Everything the reconcilers read, as one consistent view (an owned copy; see
+    /// [`Store::shared_snapshot`] for reads that do not change it).
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.shared_snapshot().map(Arc::unwrap_or_clone)
+    }
+
+    /// Everything the reconcilers read, as one consistent view shared with the other readers.
     ///
     /// The last snapshot is kept and only the tables changed since are read again; writes mark
     /// the tables they change while holding the same lock across their commit, so the parts
-    /// read now and those kept always belong to one committed state.
-    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+    /// read now and those kept always belong to one committed state. Readers share the kept
+    /// snapshot until a change: a refresh updates it in place when no reader holds it any
+    /// more, and copies it first otherwise.
+    pub fn shared_snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         let fresh = match cache.snapshot.take() {
-            None => self.read(|r| r.snapshot()),
+            None => self.read(|r| r.snapshot()).map(Arc::new),
+            Some(snap) if cache.stale.is_empty() => Ok(snap),
             Some(mut snap) => {
                 let stale = std::mem::take(&mut cache.stale);
-                self.read(|r| r.refresh(&mut snap, &stale)).map(|()| snap)
+                self.read(|r| r.refresh(Arc::make_mut(&mut snap), &stale))
+                    .map(|()| snap)
             }
         };
         match fresh {

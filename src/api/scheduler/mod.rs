@@ -85,44 +85,57 @@ struct InstanceWatch {
 pub struct Scheduler {
     store: Arc<Store>,
     clock: Clock,
-    current: Mutex<Statuses>,
+    /// `None` until first asked for or published; see `current`.
+    current: Mutex<Option<Statuses>>,
     changes: broadcast::Sender<StatusChange>,
 }
 
 impl Scheduler {
-    /// The first statuses come from the store at once, so that a client subscribing right
-    /// after a restart sees where the updates stood, not NO_UPDATE.
+    /// The first statuses come from the store, so that a client subscribing right after a
+    /// restart sees where the updates stood, not NO_UPDATE. They are read when first needed
+    /// rather than here: reading the whole store at construction held up the daemon's start.
     pub fn new(store: Arc<Store>, clock: Clock) -> Arc<Scheduler> {
         let (changes, _) = broadcast::channel(64);
-        let current = store
-            .snapshot()
-            .map(|snap| Self::statuses_of(&snap, clock()))
-            .unwrap_or_default();
         Arc::new(Scheduler {
             store,
             clock,
-            current: Mutex::new(current),
+            current: Mutex::new(None),
             changes,
         })
     }
 
+    /// The published statuses, first read from the store when none were yet.
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<Statuses>> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.is_none() {
+            *current = Some(
+                self.store
+                    .shared_snapshot()
+                    .map(|snap| Self::statuses_of(&snap, (self.clock)()))
+                    .unwrap_or_default(),
+            );
+        }
+        current
+    }
+
     /// The current statuses and a receiver of every later change, with no gap between them.
     pub fn subscribe(&self) -> (Statuses, broadcast::Receiver<StatusChange>) {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        (current.clone(), self.changes.subscribe())
+        let current = self.current();
+        (
+            current.clone().unwrap_or_default(),
+            self.changes.subscribe(),
+        )
     }
 
     /// The statuses as last published.
     pub fn statuses(&self) -> Statuses {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.current().clone().unwrap_or_default()
     }
 
     /// Publishes what changed, FOTA first (the order a new subscriber sees).
     fn publish(&self, new: Statuses) {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.current();
+        let current = guard.get_or_insert_with(Statuses::default);
         for kind in [UpdateKind::Fota, UpdateKind::Sota] {
             if current.of(kind) != new.of(kind) {
                 let status = new.of(kind).clone();
@@ -167,7 +180,7 @@ impl Scheduler {
     /// statuses once the record is settled. Returns when to look again without a store change.
     fn pass(&self, watch: &mut InstanceWatch) -> Result<Option<UnixMillis>, StoreError> {
         let now = (self.clock)();
-        let snap = self.store.snapshot()?;
+        let snap = self.store.shared_snapshot()?;
         let states: BTreeMap<InstanceIdent, InstanceState> = snap
             .observed
             .instances

@@ -139,7 +139,7 @@ impl NetworkService {
     /// Recomputes the rules of every instance whose allowed connections name `item` (a target
     /// that just got or lost an address) and pushes the changed ones to their nodes.
     fn resolve_dependents(&self, item: &str) -> Result<(), StoreError> {
-        let snap = self.inner.store.snapshot()?;
+        let snap = self.inner.store.shared_snapshot()?;
         let mut changed: Vec<(String, InstanceIdent, Vec<FirewallRule>)> = Vec::new();
         for (ident, addr) in &snap.allocations.instance_ips {
             let names_item = snap.observed.network_params.get(ident).is_some_and(|p| {
@@ -362,7 +362,7 @@ impl NetworkService {
             .iter()
             .filter_map(|i| i.instance.as_ref().map(convert::ident_from_pb))
             .collect();
-        let snap = self.inner.store.snapshot()?;
+        let snap = self.inner.store.shared_snapshot()?;
         let stale: Vec<InstanceIdent> = snap
             .allocations
             .instance_ips
@@ -374,7 +374,7 @@ impl NetworkService {
             self.release_instance(ident)?;
         }
         // Re-resolve what the node runs: rules that differ from what it has are pushed.
-        let snap = self.inner.store.snapshot()?;
+        let snap = self.inner.store.shared_snapshot()?;
         for info in &req.instances {
             let Some(id) = &info.instance else { continue };
             let ident = convert::ident_from_pb(id);
