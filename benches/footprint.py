@@ -19,7 +19,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "aos-cm")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), os.environ.get("PROFILE_DIR", "release"), "aos-cm")
 RUNS = int(os.environ.get("RUNS", "5"))
 
 
