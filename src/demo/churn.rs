@@ -102,9 +102,12 @@ pub async fn run(
         let deadline = period_start + churn.every;
         let mut events = Vec::new();
         if n.is_multiple_of(6) {
+            // The next desired state goes into the session the CM opens after the drop. (Not
+            // "wait until disconnected": the CM can be back before the simulated cloud has
+            // finished with the old session, and then no moment without a session is seen.)
+            let sessions = cloud.sessions();
             cloud.drop_connection();
-            // The next desired state must not go into the session being torn down.
-            let _ = tokio::time::timeout_at(deadline, cloud.wait_connected(false)).await;
+            let _ = tokio::time::timeout_at(deadline, cloud.wait_sessions(sessions + 1)).await;
             tally.cloud_drops += 1;
             events.push("cloud connection dropped".to_owned());
         }

@@ -619,14 +619,8 @@ async fn ws_session(io: Box<dyn Io>, client_cert: Option<Vec<u8>>, shared: Arc<S
         return;
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let session = {
-        let mut rec = shared.rec();
-        rec.sessions += 1;
-        rec.connected = true;
-        rec.client_certs.push(client_cert);
-        rec.sessions
-    };
-    // A new session replaces the old one, as a real cloud would for the same unit.
+    // A new session replaces the old one, as a real cloud would for the same unit. It takes
+    // the sender before it counts as open, so that whoever sees it open sends into it.
     if let Some(old) = shared
         .session
         .lock()
@@ -635,6 +629,13 @@ async fn ws_session(io: Box<dyn Io>, client_cert: Option<Vec<u8>>, shared: Arc<S
     {
         let _ = old.send(SessionCmd::Drop);
     }
+    let session = {
+        let mut rec = shared.rec();
+        rec.sessions += 1;
+        rec.connected = true;
+        rec.client_certs.push(client_cert);
+        rec.sessions
+    };
     shared.notify.notify_waiters();
     loop {
         tokio::select! {
