@@ -173,6 +173,19 @@ async fn trigger_policy_downloads_then_waits_for_start_per_kind() {
     let scenario_dir = example("fresh-install");
     let mut snap = scenario::load(&scenario_dir).unwrap().snapshot;
     let sms = unit::before_sms_connect(&mut snap);
+    // The layer's (SOTA) and the component's (FOTA) blobs: held back at first, so that each
+    // kind is seen DOWNLOADING however fast the rest downloads.
+    let held: Vec<String> = {
+        let desired = snap.desired.as_ref().unwrap();
+        [ItemType::Layer, ItemType::Component]
+            .iter()
+            .flat_map(|t| {
+                let item = desired.items.iter().find(|i| i.item_type == *t).unwrap();
+                snap.catalogue.images[item.index_digest.as_ref().unwrap()].blobs()
+            })
+            .map(|d| d.to_string())
+            .collect()
+    };
     snap.desired = None;
     snap.catalogue = Catalogue::default();
     snap.observed.blobs.clear();
@@ -238,9 +251,19 @@ async fn trigger_policy_downloads_then_waits_for_start_per_kind() {
     if let Some((link, _)) = &u.cloud {
         link.state().wait_for(|s| s.connected).await.unwrap();
     }
+    for digest in &held {
+        cloud.set_blob_info(digest, None);
+    }
     cloud.send_data(frame["data"].clone()).expect("session");
 
     // Both kinds download, then wait; the unit runs nothing new meanwhile.
+    until(&mut stream, &mut seen, UpdateKind::Sota, "DOWNLOADING").await;
+    if seen.last(UpdateKind::Fota) != Some("DOWNLOADING") {
+        until(&mut stream, &mut seen, UpdateKind::Fota, "DOWNLOADING").await;
+    }
+    for digest in &held {
+        cloud.clear_blob_info(digest);
+    }
     until(&mut stream, &mut seen, UpdateKind::Sota, "READY_TO_UPDATE").await;
     if seen.last(UpdateKind::Fota) != Some("READY_TO_UPDATE") {
         until(&mut stream, &mut seen, UpdateKind::Fota, "READY_TO_UPDATE").await;
