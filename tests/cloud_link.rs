@@ -4,7 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aos_cm::api::cloud::link::{CloudInbox, CloudLink, LinkConfig, LinkHandle, LinkState};
+use aos_cm::api::cloud::link::{
+    CloudInbox, CloudLink, LinkConfig, LinkError, LinkHandle, LinkState,
+};
 use aos_cm::api::cloud::messages::{
     self, AlertItem, Alerts, Envelope, Identity, InstanceIdent, Message, MonitoringData, NewState,
     OverrideEnvVarsStatus, PushLog, StateRequest, SystemAlert,
@@ -502,6 +504,37 @@ async fn blob_urls_request_times_out_and_is_not_resent() {
     let after = h.cloud.from_unit("requestBlobUrls").len() - before;
     assert!((1..=2).contains(&after), "{after} writes");
     assert_eq!(h.link.counters().blob_url_timeouts, 2);
+}
+
+/// A download waiting for blob URLs when the link stops is told at once (it held up the
+/// daemon's stop for the whole response wait); a request after the stop fails at once too.
+#[tokio::test(start_paused = true)]
+async fn a_blob_urls_request_ends_when_the_link_stops() {
+    let h = start().await; // the cloud ACKs but never answers (no blob folder)
+    wait_state(&h.link, |s| s.connected).await;
+    let link = h.link.clone();
+    let waiting = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let r = link
+            .request_blob_urls(vec![format!("sha256:{}", "c".repeat(64))])
+            .await;
+        (r, started.elapsed())
+    });
+    h.cloud.wait_from_unit("requestBlobUrls", 1).await;
+    h.stop.send(true).unwrap();
+    h.task.await.unwrap();
+    let (result, took) = waiting.await.unwrap();
+    assert!(
+        matches!(result, Err(LinkError::Stopped)),
+        "{:?}",
+        result.map(|_| ())
+    );
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let after = h
+        .link
+        .request_blob_urls(vec![format!("sha256:{}", "d".repeat(64))])
+        .await;
+    assert!(matches!(after, Err(LinkError::Stopped)));
 }
 
 #[tokio::test(start_paused = true)]

@@ -106,6 +106,13 @@ pub trait CloudInbox: Send + Sync + 'static {
     fn request(&self, envelope: Envelope) -> impl Future<Output = ()> + Send;
 }
 
+/// Who waits for a `blobUrls` answer, by correlation ID; none once the link has stopped.
+#[derive(Default)]
+struct BlobWaiters {
+    waiting: HashMap<String, oneshot::Sender<BlobUrls>>,
+    stopped: bool,
+}
+
 /// Whether the link is up, and how many sessions it has had.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkState {
@@ -184,7 +191,7 @@ enum Cmd {
 
 struct Shared {
     counters: watch::Sender<LinkCounters>,
-    blob_waiters: Mutex<HashMap<String, oneshot::Sender<BlobUrls>>>,
+    blob_waiters: Mutex<BlobWaiters>,
 }
 
 impl Shared {
@@ -216,7 +223,7 @@ impl CloudLink {
         let (state_tx, state_rx) = watch::channel(LinkState::default());
         let shared = Arc::new(Shared {
             counters: watch::Sender::new(LinkCounters::default()),
-            blob_waiters: Mutex::new(HashMap::new()),
+            blob_waiters: Mutex::new(BlobWaiters::default()),
         });
         let handle = LinkHandle {
             cmds: cmd_tx,
@@ -310,16 +317,23 @@ impl LinkHandle {
     pub async fn request_blob_urls(&self, digests: Vec<String>) -> Result<BlobUrls, LinkError> {
         let correlation_id = new_txn();
         let (tx, rx) = oneshot::channel();
-        self.shared
-            .blob_waiters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(correlation_id.clone(), tx);
+        {
+            let mut waiters = self
+                .shared
+                .blob_waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if waiters.stopped {
+                return Err(LinkError::Stopped);
+            }
+            waiters.waiting.insert(correlation_id.clone(), tx);
+        }
         let forget = || {
             self.shared
                 .blob_waiters
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .waiting
                 .remove(&correlation_id);
         };
         let txn = match self
@@ -496,6 +510,17 @@ impl LinkRunner {
                 }
             }
             self.publish_counters();
+        }
+        // No answer comes any more: whoever waits for blob URLs is told now, not after
+        // cloudResponseWaitTimeout (a download waiting for them held up the daemon's stop).
+        {
+            let mut waiters = self
+                .shared
+                .blob_waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            waiters.stopped = true;
+            waiters.waiting.clear();
         }
         drop(work_tx);
         let _ = worker.await;
@@ -697,6 +722,7 @@ impl LinkRunner {
                     .blob_waiters
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
+                    .waiting
                     .remove(&urls.correlation_id);
                 match waiter {
                     Some(w) => {
