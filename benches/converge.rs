@@ -3,7 +3,7 @@
 //! instance reported active. Run: `cargo bench --bench converge` (release build).
 
 use aos_cm::sim::unit::SimUnit;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 async fn once(nodes: usize, items: usize, instances: usize) -> Duration {
     let dir = std::env::temp_dir().join(format!(
@@ -16,14 +16,10 @@ async fn once(nodes: usize, items: usize, instances: usize) -> Duration {
     let (unit, sims, desired) = SimUnit::start_synthetic(&path, nodes, items, instances)
         .await
         .expect("unit");
-    let t0 = Instant::now();
-    unit.store
-        .write(|tx| tx.set_desired(desired.as_ref()))
-        .expect("desired");
-    unit.wait_active(instances, Duration::from_secs(300))
+    let took = unit
+        .converge_on(desired.as_ref(), instances, Duration::from_secs(300))
         .await
         .expect("converged");
-    let took = t0.elapsed();
     drop(sims);
     // Wait for the unit's tasks (network allocations may still run) so that runs do not overlap.
     unit.stop().await;

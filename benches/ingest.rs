@@ -47,10 +47,7 @@ fn main() {
             SimUnit::start_synthetic(&dir.join("cm.redb"), NODES, NODES, INSTANCES)
                 .await
                 .expect("unit");
-        unit.store
-            .write(|tx| tx.set_desired(desired.as_ref()))
-            .expect("desired");
-        unit.wait_active(INSTANCES, Duration::from_secs(300))
+        unit.converge_on(desired.as_ref(), INSTANCES, Duration::from_secs(300))
             .await
             .expect("converged");
         println!(

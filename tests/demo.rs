@@ -2,19 +2,26 @@
 
 use std::process::Command;
 
-#[test]
-fn demo_converges_the_bundled_example() {
+/// Runs `aos-cm demo ARGS`, asserts exit status 0 and returns what it printed.
+fn demo_ok(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
-        .args(["demo", "--timeout", "60"])
+        .arg("demo")
+        .args(args)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
         out.status.code(),
         Some(0),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn demo_converges_the_bundled_example() {
+    let stdout = demo_ok(&["--timeout", "60"]);
     assert!(stdout.contains("converged in"), "{stdout}");
     assert!(stdout.contains("nodes connected 3/3"), "{stdout}");
     // The daemon took the identity and the nodes from the simulated IAM.
@@ -52,17 +59,7 @@ fn demo_converges_the_bundled_example() {
 /// and an SM reconnect. The product paces the periods (1 s each); the test only reads output.
 #[test]
 fn demo_churn_converges_every_period_through_reconnects() {
-    let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
-        .args(["demo", "--churn", "1", "--run-for", "6"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = demo_ok(&["--churn", "1", "--run-for", "6"]);
     for period in [
         "period 1: variant 1: converged in",
         "period 3: variant 3 (SM main reconnected): converged in",
@@ -90,17 +87,8 @@ fn demo_churn_converges_every_period_through_reconnects() {
 
 #[test]
 fn demo_scales_and_rejects_non_loopback_listen() {
-    let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
-        .args(["demo", "--nodes", "4", "--instances", "40"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("nodes connected 4/4"));
+    let stdout = demo_ok(&["--nodes", "4", "--instances", "40"]);
+    assert!(stdout.contains("nodes connected 4/4"), "{stdout}");
     let out = Command::new(env!("CARGO_BIN_EXE_aos-cm"))
         .args(["demo", "--sm-listen", "192.0.2.1:8093"])
         .output()

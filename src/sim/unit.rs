@@ -329,6 +329,20 @@ impl SimUnit {
         Ok((unit, sims, desired))
     }
 
+    /// Commits `desired` and waits until `count` instances are reported active; returns the
+    /// time from the commit.
+    pub async fn converge_on(
+        &self,
+        desired: Option<&DesiredState>,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Duration, SimUnitError> {
+        let started = std::time::Instant::now();
+        self.store.write(|tx| tx.set_desired(desired))?;
+        self.wait_active(count, timeout).await?;
+        Ok(started.elapsed())
+    }
+
     /// Waits until at least `count` instances are reported active. Reads only the reported
     /// instances, at most every 5 ms, so that a benchmark's harness does not compete with the
     /// unit for the cores.
