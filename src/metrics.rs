@@ -94,28 +94,26 @@ impl Metrics {
                 r.count, r.sum, r.count
             );
         }
-        out.push_str(
-            "# HELP aos_cm_reconcile_errors_total Actions of a reconciler that failed.\n\
-             # TYPE aos_cm_reconcile_errors_total counter\n",
+        // One line per reconciler of a counter or gauge.
+        let mut per_reconciler =
+            |metric: &str, kind: &str, help: &str, value: fn(&Reconcile) -> u64| {
+                let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+                for (name, r) in &reconcile {
+                    let _ = writeln!(out, "{metric}{{reconciler=\"{name}\"}} {}", value(r));
+                }
+            };
+        per_reconciler(
+            "aos_cm_reconcile_errors_total",
+            "counter",
+            "Actions of a reconciler that failed.",
+            |r| r.errors,
         );
-        for (name, r) in &reconcile {
-            let _ = writeln!(
-                out,
-                "aos_cm_reconcile_errors_total{{reconciler=\"{name}\"}} {}",
-                r.errors
-            );
-        }
-        out.push_str(
-            "# HELP aos_cm_reconcile_queued_batches Action batches the last plan of a reconciler gave.\n\
-             # TYPE aos_cm_reconcile_queued_batches gauge\n",
+        per_reconciler(
+            "aos_cm_reconcile_queued_batches",
+            "gauge",
+            "Action batches the last plan of a reconciler gave.",
+            |r| r.batches,
         );
-        for (name, r) in &reconcile {
-            let _ = writeln!(
-                out,
-                "aos_cm_reconcile_queued_batches{{reconciler=\"{name}\"}} {}",
-                r.batches
-            );
-        }
         if let Some(sm) = sm {
             let _ = writeln!(
                 out,
