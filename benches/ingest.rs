@@ -5,7 +5,8 @@
 //! recorded the last status (`SmCounters::statuses`). "changed" statuses carry a new error
 //! message each round, so every one is written and announced (the runner and the network
 //! reconciler wake up meanwhile); "unchanged" ones repeat what is stored, so nothing is
-//! committed. Run: `cargo bench --bench ingest` (release build).
+//! committed. Run: `cargo bench --bench ingest` (release build); `INGEST_ONLY="changed 1"` runs
+//! only that case.
 
 use aos_cm::sim::sm::SimSm;
 use aos_cm::sim::unit::SimUnit;
@@ -53,8 +54,17 @@ fn main() {
         println!(
             "{NODES} nodes x {INSTANCES} instances, converged; every node reports every instance:"
         );
+        // INGEST_ONLY="changed 1" (kind, statuses per message) runs one case, for profiling.
+        let only = std::env::var("INGEST_ONLY").ok();
         for batch in [1, INSTANCES / NODES] {
             for changed in [true, false] {
+                let kind = if changed { "changed" } else { "unchanged" };
+                if only
+                    .as_deref()
+                    .is_some_and(|o| o != format!("{kind} {batch}"))
+                {
+                    continue;
+                }
                 let mut rates = Vec::with_capacity(ROUNDS);
                 // Round 0 is a warm-up (and makes the unchanged rounds repeat what is stored).
                 for r in 0..=ROUNDS {
@@ -68,8 +78,7 @@ fn main() {
                 }
                 rates.sort_by(f64::total_cmp);
                 println!(
-                    "  {} statuses, {batch} per message: median {:.0} statuses/s (runs {})",
-                    if changed { "changed" } else { "unchanged" },
+                    "  {kind} statuses, {batch} per message: median {:.0} statuses/s (runs {})",
                     rates[ROUNDS / 2],
                     rates
                         .iter()

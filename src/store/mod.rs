@@ -30,7 +30,7 @@ pub use tx::Tx;
 use crate::model::{Condition, Snapshot};
 use read::Source;
 use redb::{Database, ReadableDatabase};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -102,7 +102,8 @@ pub struct Store {
 struct SnapshotCache {
     /// Shared with the readers that still hold it; a refresh copies it only then.
     snapshot: Option<Arc<Snapshot>>,
-    stale: BTreeSet<&'static str>,
+    /// What changed since, per table.
+    stale: BTreeMap<&'static str, read::Stale>,
 }
 
 impl Store {
@@ -234,19 +235,27 @@ impl Store {
         let mut tx = Tx::new(&txn);
         // On error `txn` is dropped uncommitted, which aborts it.
         let result = f(&mut tx)?;
-        let changed: Vec<&'static str> = tx.into_changed().into_iter().collect();
+        let changed = tx.into_changed();
         if changed.is_empty() {
             txn.abort()?;
         } else {
-            let announced: Vec<&'static str> = changed
+            let changed: Vec<(&'static str, read::Stale)> = changed
                 .into_iter()
-                .filter(|table| !tables::UNANNOUNCED.contains(table))
+                .filter(|(table, _)| !tables::UNANNOUNCED.contains(table))
                 .collect();
+            let announced: Vec<&'static str> = changed.iter().map(|(table, _)| *table).collect();
             {
                 // Marked and committed under the cache lock: no snapshot is assembled between
                 // this commit and its tables being marked stale.
                 let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-                cache.stale.extend(announced.iter().copied());
+                for (table, stale) in changed {
+                    match cache.stale.get_mut(table) {
+                        Some(kept) => kept.merge(stale),
+                        None => {
+                            cache.stale.insert(table, stale);
+                        }
+                    }
+                }
                 txn.commit()?;
             }
             if !announced.is_empty() {

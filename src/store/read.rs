@@ -14,6 +14,56 @@ pub(crate) fn def(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]
     TableDefinition::new(name)
 }
 
+/// Tables whose changed keys are remembered, so that a snapshot refresh reads only those records:
+/// the ones that change one record at a time while the unit runs (statuses, placements, nodes).
+const KEYED_REFRESH: [&str; 3] = [t::REPORTED_INSTANCES, t::PLACEMENTS, t::NODES];
+
+/// Most changed keys remembered for one table; past it the whole table is read again. A refresh
+/// also reads the whole table when the changed keys are more than half of it.
+const MAX_STALE_KEYS: usize = 4096;
+
+/// What changed in one table since a snapshot was read: the whole table, or these keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stale {
+    All,
+    Keys(BTreeSet<String>),
+}
+
+impl Stale {
+    /// `key` of `table` changed.
+    pub(crate) fn key(table: &str, key: &str) -> Stale {
+        if KEYED_REFRESH.contains(&table) {
+            Stale::Keys(BTreeSet::from([key.to_owned()]))
+        } else {
+            Stale::All
+        }
+    }
+
+    pub(crate) fn add(&mut self, key: &str) {
+        if let Stale::Keys(keys) = self {
+            if keys.len() >= MAX_STALE_KEYS {
+                *self = Stale::All;
+            } else if !keys.contains(key) {
+                keys.insert(key.to_owned());
+            }
+        }
+    }
+
+    /// Both this change and `other`.
+    pub(crate) fn merge(&mut self, other: Stale) {
+        match (&mut *self, other) {
+            (Stale::All, _) => {}
+            (_, Stale::All) => *self = Stale::All,
+            (Stale::Keys(mine), Stale::Keys(theirs)) => {
+                mine.extend(theirs);
+                if mine.len() > MAX_STALE_KEYS {
+                    *self = Stale::All;
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(crate) enum Source<'a> {
     Read(&'a ReadTransaction),
@@ -368,13 +418,75 @@ impl Reader<'_> {
         self.single(t::JOURNAL_CURSOR)
     }
 
-    /// Re-reads the parts of `snap` that come from the named tables.
-    pub fn refresh(
+    /// Re-reads only the records `keys` of `table` into `snap`, for the tables kept record by
+    /// record and when the keys are at most half of the table; false when it did not.
+    fn refresh_keys(
         &self,
         snap: &mut Snapshot,
-        tables: &BTreeSet<&'static str>,
+        table: &'static str,
+        keys: &BTreeSet<String>,
+    ) -> Result<bool, StoreError> {
+        let few = |kept: usize| keys.len() * 2 <= kept;
+        match table {
+            t::REPORTED_INSTANCES if few(snap.observed.instances.len()) => {
+                let map = &mut snap.observed.instances;
+                self.refresh_ident_keyed(table, keys, map, |r| keys::ident(&r.ident))?;
+            }
+            t::PLACEMENTS if few(snap.allocations.instances.len()) => {
+                let map = &mut snap.allocations.instances;
+                self.refresh_ident_keyed(table, keys, map, |p| keys::ident(&p.ident))?;
+            }
+            t::NODES if few(snap.observed.nodes.len()) => {
+                for key in keys {
+                    match self.node(key)? {
+                        Some(n) => snap.observed.nodes.insert(key.clone(), n),
+                        None => snap.observed.nodes.remove(key),
+                    };
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Re-reads the records `keys` of an ident-keyed table into `map`: a record read again
+    /// replaces the kept one, a key no longer there removes it. `identity` is the key a record
+    /// belongs under.
+    fn refresh_ident_keyed<T: DeserializeOwned>(
+        &self,
+        table: &'static str,
+        keys: &BTreeSet<String>,
+        map: &mut BTreeMap<InstanceIdent, T>,
+        identity: impl Fn(&T) -> String,
     ) -> Result<(), StoreError> {
-        for table in tables {
+        for key in keys {
+            let ident = parse_ident_key(table, key)?;
+            match self.get::<T>(table, key)? {
+                Some(value) => {
+                    check_identity(table, &keys::ident(&ident), &identity(&value))?;
+                    map.insert(ident, value);
+                }
+                None => {
+                    map.remove(&ident);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the parts of `snap` that come from the changed tables: only the changed records
+    /// where the keys are known, the whole table otherwise.
+    pub(crate) fn refresh(
+        &self,
+        snap: &mut Snapshot,
+        tables: &BTreeMap<&'static str, Stale>,
+    ) -> Result<(), StoreError> {
+        for (table, stale) in tables {
+            if let Stale::Keys(keys) = stale
+                && self.refresh_keys(snap, table, keys)?
+            {
+                continue;
+            }
             match *table {
                 t::DESIRED => snap.desired = self.desired()?,
                 t::NODES => snap.observed.nodes = self.nodes()?,

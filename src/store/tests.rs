@@ -1039,6 +1039,58 @@ fn cached_snapshots_always_equal_a_full_read() {
         }
         assert_eq!(store.snapshot().unwrap(), full(&store), "after write {n}");
     }
+    // The tables refreshed record by record: puts, changes and removals, several writes
+    // between two snapshots, and writes of more records than are remembered one by one.
+    let reported = |id: &InstanceIdent, state: InstanceState| ReportedInstance {
+        ident: id.clone(),
+        node_id: "n1".into(),
+        runtime_id: "r".into(),
+        version: "1".into(),
+        state,
+        error: None,
+        preinstalled: false,
+    };
+    for (round, writes) in [1usize, 3, 300].into_iter().enumerate() {
+        let held = store.shared_snapshot().unwrap();
+        let as_held = (*held).clone();
+        for n in 0..writes {
+            let id = ident("keyed", (n % 40) as u64);
+            let node_id = format!("keyed-node{}", n % 7);
+            match (n + round) % 6 {
+                0 => store
+                    .write_observed(|tx| {
+                        tx.put_reported_instance(&reported(&id, InstanceState::Failed))
+                    })
+                    .unwrap(),
+                1 => store
+                    .write_observed(|tx| tx.remove_reported_instance(&id).map(|_| ()))
+                    .unwrap(),
+                2 => store
+                    .write(|tx| tx.put_placement(&placement(&id, 7000 + n as u32)))
+                    .unwrap(),
+                3 => store
+                    .write(|tx| tx.remove_placement(&id).map(|_| ()))
+                    .unwrap(),
+                4 => store.write(|tx| tx.put_node(&node(&node_id))).unwrap(),
+                _ => store
+                    .write(|tx| tx.remove_node(&node_id).map(|_| ()))
+                    .unwrap(),
+            }
+        }
+        // One transaction changing more records than are remembered one by one.
+        store
+            .write_observed(|tx| {
+                for n in 0..300u64 {
+                    tx.put_reported_instance(&reported(&ident("bulk", n), InstanceState::Active))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.snapshot().unwrap(), full(&store), "round {round}");
+        // A reader holding the old snapshot still sees it unchanged.
+        assert_eq!(*held, as_held, "round {round}");
+        assert_ne!(as_held, full(&store), "round {round}");
+    }
     // A write whose closure fails changes nothing, cached or not.
     let before = store.snapshot().unwrap();
     let failed: Result<(), StoreError> = store.write(|tx| {

@@ -2,7 +2,7 @@
 //! really changed, so that the commit wakes only the reconcilers that read them.
 
 use super::keys;
-use super::read::{Reader, Source, def};
+use super::read::{Reader, Source, Stale, def};
 use super::tables as t;
 use super::{StoreError, UpdateProgress};
 use crate::model::*;
@@ -18,7 +18,8 @@ use std::ops::Deref;
 pub struct Tx<'a> {
     txn: &'a WriteTransaction,
     reader: Reader<'a>,
-    changed: BTreeSet<&'static str>,
+    /// The tables changed so far, each with the keys changed when they are few.
+    changed: BTreeMap<&'static str, Stale>,
 }
 
 impl<'a> Deref for Tx<'a> {
@@ -76,17 +77,27 @@ impl<'a> Tx<'a> {
             reader: Reader {
                 src: Source::Write(txn),
             },
-            changed: BTreeSet::new(),
+            changed: BTreeMap::new(),
         }
     }
 
     /// The tables this transaction changed so far, sorted.
     pub fn changed_tables(&self) -> Vec<&'static str> {
-        self.changed.iter().copied().collect()
+        self.changed.keys().copied().collect()
     }
 
-    pub(crate) fn into_changed(self) -> BTreeSet<&'static str> {
+    pub(crate) fn into_changed(self) -> BTreeMap<&'static str, Stale> {
         self.changed
+    }
+
+    /// Notes that `key` of `table` changed.
+    fn mark(&mut self, table: &'static str, key: &str) {
+        match self.changed.get_mut(table) {
+            Some(stale) => stale.add(key),
+            None => {
+                self.changed.insert(table, Stale::key(table, key));
+            }
+        }
     }
 
     // --- raw records -------------------------------------------------------------------------
@@ -100,7 +111,7 @@ impl<'a> Tx<'a> {
             None => true,
         };
         if changed {
-            self.changed.insert(table);
+            self.mark(table, key);
         }
         Ok(())
     }
@@ -120,7 +131,7 @@ impl<'a> Tx<'a> {
         let mut tbl = self.txn.open_table(def(table))?;
         let existed = tbl.remove(key)?.is_some();
         if existed {
-            self.changed.insert(table);
+            self.mark(table, key);
         }
         Ok(existed)
     }
