@@ -7,7 +7,7 @@
 use super::placement::{self, InstanceRequest, NodeBudget};
 use crate::model::*;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// An instance the desired state asks for, with what placement needs to know about it.
 struct Wanted<'a> {
@@ -70,7 +70,21 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
     let mut wanted: Vec<Wanted<'_>> = Vec::new();
     // Instances we must not touch: desired, but their image is not known yet.
     let mut untouched: BTreeSet<InstanceIdent> = BTreeSet::new();
+    // A second request for the same item and subject would ask for the same instances again:
+    // the first one (highest priority) stands.
+    let mut requested: BTreeSet<(&str, &str)> = BTreeSet::new();
     for (req_idx, req) in requests.into_iter().enumerate() {
+        if !requested.insert((&req.item_id, &req.subject_id)) {
+            plan.condition(
+                format!("item {}", req.item_id),
+                "DuplicateRequest",
+                format!(
+                    "instances of subject {} are requested more than once: the request of highest priority stands",
+                    req.subject_id
+                ),
+            );
+            continue;
+        }
         let Some(item) = desired.item(&req.item_id) else {
             plan.condition(
                 format!("item {}", req.item_id),
@@ -143,14 +157,20 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
         .enumerate()
         .map(|(i, n)| (n.node_id.clone(), i))
         .collect();
-    // Lookups by identity are hashed: at 10,000 instances ordered-map searches dominate.
-    // Kept placements are borrowed from the snapshot; only new ones are built.
-    let mut placed: HashMap<&InstanceIdent, Cow<'_, InstancePlacement>> = HashMap::new();
+    // Lookups by identity are hashed: at 10,000 instances ordered-map searches dominate. The
+    // placements are kept by position in `wanted`; kept ones are borrowed from the snapshot,
+    // only new ones are built.
+    let mut placed: Vec<Option<Cow<'_, InstancePlacement>>> = wanted.iter().map(|_| None).collect();
+    let position: HashMap<&InstanceIdent, usize> = wanted
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (&w.ident, i))
+        .collect();
     let stored: HashMap<&InstanceIdent, &InstancePlacement> = allocs.instances.iter().collect();
     let reported_by: HashMap<&InstanceIdent, &ReportedInstance> =
         snap.observed.instances.iter().collect();
     let mut configs: BTreeMap<(usize, usize), ItemConfig> = BTreeMap::new();
-    for w in &wanted {
+    for (wi, w) in wanted.iter().enumerate() {
         let Some(p) = stored.get(&w.ident).copied() else {
             continue;
         };
@@ -189,7 +209,7 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
             .is_ok();
         if fits {
             nodes[i].charge(&p.runtime_id, &p.requested, &cfg.resources);
-            placed.insert(&w.ident, Cow::Borrowed(p));
+            placed[wi] = Some(Cow::Borrowed(p));
         }
     }
 
@@ -203,8 +223,8 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
     let (uid_first, uid_end) = (snap.settings.uid_first, snap.settings.uid_end);
     let mut uid_cursor = uid_first;
     let mut gids: BTreeMap<ItemId, u32> = allocs.gids.clone();
-    for w in &wanted {
-        if placed.contains_key(&w.ident) {
+    for (wi, w) in wanted.iter().enumerate() {
+        if placed[wi].is_some() {
             continue;
         }
         let old = stored.get(&w.ident).copied();
@@ -315,24 +335,23 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
             &choice.reservation,
             &cfg.resources,
         );
-        placed.insert(
-            &w.ident,
-            Cow::Owned(InstancePlacement {
-                ident: w.ident.clone(),
-                node_id: node.node_id.clone(),
-                runtime_id: choice.runtime.runtime_id.clone(),
-                runtime_type: choice.runtime.runtime_type.clone(),
-                manifest_digest: manifest.digest.clone(),
-                version: w.item.version.clone(),
-                uid,
-                gid,
-                requested: choice.reservation,
-                env: desired.env_for(&w.ident, now),
-            }),
-        );
+        placed[wi] = Some(Cow::Owned(InstancePlacement {
+            ident: w.ident.clone(),
+            node_id: node.node_id.clone(),
+            runtime_id: choice.runtime.runtime_id.clone(),
+            runtime_type: choice.runtime.runtime_type.clone(),
+            manifest_digest: manifest.digest.clone(),
+            version: w.item.version.clone(),
+            uid,
+            gid,
+            requested: choice.reservation,
+            env: desired.env_for(&w.ident, now),
+        }));
     }
+    let placed_of = |ident: &InstanceIdent| -> Option<&InstancePlacement> {
+        position.get(ident).and_then(|&i| placed[i].as_deref())
+    };
 
-    let wanted_idents: HashSet<&InstanceIdent> = wanted.iter().map(|w| &w.ident).collect();
     let firmware = firmware_requests(desired);
 
     // 4. Stops: reported instances that run where they should not.
@@ -343,7 +362,7 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
         if untouched.contains(ident) || firmware.contains(&(&ident.item_id, &ident.subject_id)) {
             continue;
         }
-        let keep = placed.get(ident).is_some_and(|p| {
+        let keep = placed_of(ident).is_some_and(|p| {
             p.node_id == rep.node_id && p.runtime_id == rep.runtime_id && p.version == rep.version
         });
         let connected = snap
@@ -352,8 +371,8 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
             .get(&rep.node_id)
             .is_some_and(|n| n.is_connected());
         if !keep && connected {
-            let reason = match placed.get(ident) {
-                None if wanted_idents.contains(ident) => {
+            let reason = match placed_of(ident) {
+                None if position.contains_key(ident) => {
                     "desired, but cannot be placed (see its condition)".to_string()
                 }
                 None => "no longer desired".to_string(),
@@ -373,8 +392,8 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
 
     // 5. Starts, in priority order: new or changed placements, and placements the node does
     //    not report running.
-    for w in &wanted {
-        let Some(p) = placed.get(&w.ident) else {
+    for (w, p) in wanted.iter().zip(&placed) {
+        let Some(p) = p else {
             continue;
         };
         let reported = reported_by.get(&w.ident).copied();
@@ -456,13 +475,13 @@ pub fn plan(snap: &Snapshot, now: UnixMillis) -> Plan {
 
     // 6. Releases: placements of instances that are no longer desired and no longer run.
     for ident in allocs.instances.keys() {
-        if placed.contains_key(ident) || untouched.contains(ident) {
+        if placed_of(ident).is_some() || untouched.contains(ident) {
             continue;
         }
         if firmware.contains(&(&ident.item_id, &ident.subject_id)) {
             continue;
         }
-        let still_desired = wanted_idents.contains(ident);
+        let still_desired = position.contains_key(ident);
         let running = reported_by
             .get(ident)
             .is_some_and(|r| r.state != InstanceState::Inactive);

@@ -541,6 +541,24 @@ fn rule_priority_order_higher_priority_placed_first() {
 }
 
 #[test]
+fn rule_a_second_request_for_the_same_item_and_subject_is_ignored() {
+    let mut u = Unit::new();
+    u.node("a", 1000, GIB, vec![runtime("a", "crun", "amd64")]);
+    u.item("svc", "o", &["amd64"], cfg(), &[]);
+    u.run("svc", 1, 1, &[]);
+    u.run("svc", 2, 9, &[]);
+    // The higher-priority request stands: two instances, each started once.
+    assert_eq!(u.placed(), vec!["svc/0@a/crun", "svc/1@a/crun"]);
+    assert_eq!(
+        u.reasons(),
+        vec![
+            "DuplicateRequest: instances of subject s are requested more than once: the request \
+             of highest priority stands"
+        ]
+    );
+}
+
+#[test]
 fn rule_uid_pool_per_instance_and_gid_per_item_are_stable() {
     let mut u = Unit::new();
     u.node("a", 10_000, 4 * GIB, vec![runtime("a", "crun", "amd64")]);
