@@ -7,7 +7,8 @@
 use super::placement::{self, InstanceRequest, NodeBudget};
 use crate::model::*;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use foldhash::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// An instance the desired state asks for, with what placement needs to know about it.
 struct Wanted<'a> {

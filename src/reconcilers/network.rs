@@ -5,7 +5,8 @@
 
 use crate::model::*;
 use core::net::Ipv4Addr;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The pool: /16 subnets from 172.17.0.0 to 172.31.255.255.
 pub const POOL_FIRST: [u8; 2] = [172, 17];
