@@ -706,7 +706,6 @@ impl Daemon {
             link: link.clone(),
             install_path: config.image_manager.install_path.clone(),
             download_path: config.image_manager.download_path.clone(),
-            tls: link_config.tls.clone(),
             roots_pem: ca.map(String::into_bytes).unwrap_or_default(),
             alerts: Some(local_alerts.clone()),
             limits: Arc::new({

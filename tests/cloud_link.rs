@@ -726,3 +726,143 @@ fn outgoing_importance_follows_errata_21() {
     assert!(!Message::UnitStatus(messages::UnitStatus::default()).is_important());
     assert!(Message::PushLog(PushLog::default()).is_important());
 }
+
+/// An HTTPS server that requires a client certificate from `ca_pem`, serves `body` for any
+/// path and records the client certificate of each request.
+async fn mtls_blob_server(
+    server: (String, String),
+    ca_pem: &str,
+    body: Vec<u8>,
+) -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(server.0.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(server.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/blob",
+        listener.local_addr().unwrap().port()
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+            record.lock().unwrap().push(cert);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && tls.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = tls.write_all(reply.as_bytes()).await;
+            let _ = tls.write_all(&body).await;
+            let _ = tls.shutdown().await;
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn blob_downloads_use_the_online_certificate_the_link_was_last_given() {
+    use aos_cm::imagestore::fetch::Fetcher;
+    use aos_cm::model::Digest;
+    use sha2::Digest as _;
+    let (ca, issuer) = rcgen_ca();
+    let ca_pem = ca.pem();
+    let server = leaf(&issuer, &["127.0.0.1"], false);
+    let client = |name: &str| {
+        let (cert, key) = leaf(&issuer, &[name], true);
+        let tls = transport::client_tls(ca_pem.as_bytes(), Some((cert.as_bytes(), key.as_bytes())))
+            .unwrap();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        (tls, der.to_vec())
+    };
+    use rustls_pki_types::pem::PemObject;
+    let (first_tls, first_der) = client("online1");
+    let (renewed_tls, renewed_der) = client("online2");
+
+    let blobs = tempfile::tempdir().unwrap();
+    let mut options = CloudOptions::new(SYSTEM_ID);
+    options.blob_dir = Some(blobs.path().to_path_buf());
+    let h = start_with(options, |c| c.tls = Some(first_tls)).await;
+    wait_state(&h.link, |s| s.connected).await;
+    let content = b"blob content".to_vec();
+    let (url, seen) = mtls_blob_server(server, &ca_pem, content.clone()).await;
+    let sha3: String = sha3::Sha3_256::digest(&content)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let hex: String = sha2::Sha256::digest(&content)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let digest = Digest::parse(&format!("sha256:{hex}")).unwrap();
+    h.cloud.set_blob_info(
+        digest.as_str(),
+        Some(messages::BlobInfo {
+            digest: digest.as_str().to_owned(),
+            urls: vec![url],
+            sha256: sha3,
+            size: content.len() as u64,
+            decrypt_info: None,
+            sign_info: None,
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher {
+        link: h.link.clone(),
+        install_path: dir.path().join("install"),
+        download_path: dir.path().join("download"),
+        roots_pem: Vec::new(),
+        alerts: None,
+        limits: Default::default(),
+    };
+
+    assert_eq!(
+        fetcher.fetch_blob(&digest, &[], &[]).await,
+        Ok(content.len() as u64)
+    );
+    assert_eq!(*seen.lock().unwrap(), vec![first_der.clone()]);
+
+    // A renewed online certificate: downloads from then on present it.
+    h.link.reconnect_with(Some(renewed_tls.clone())).unwrap();
+    assert!(Arc::ptr_eq(&h.link.client_tls().unwrap(), &renewed_tls));
+    fetcher.delete(&digest).await.unwrap();
+    wait_state(&h.link, |s| s.connected).await;
+    assert_eq!(
+        fetcher.fetch_blob(&digest, &[], &[]).await,
+        Ok(content.len() as u64)
+    );
+    assert_eq!(*seen.lock().unwrap(), vec![first_der, renewed_der]);
+    assert_eq!(
+        std::fs::read(dir.path().join("install/blobs/sha256").join(&hex)).unwrap(),
+        content
+    );
+}

@@ -29,8 +29,6 @@ pub struct Fetcher {
     pub install_path: PathBuf,
     /// `imageManager.downloadPath`: partial downloads, resumed after a restart.
     pub download_path: PathBuf,
-    /// TLS for `https://` blob URLs.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// The `caCert` PEM that signing chains must lead to (empty: signed blobs are refused).
     pub roots_pem: Vec<u8>,
     /// Where `downloadProgressAlert`s go (started, every 30 s, interrupted, finished). A full
@@ -270,7 +268,9 @@ impl Fetcher {
             info.size.saturating_sub(have).saturating_add(info.size),
         )?;
         let opts = DownloadOptions {
-            tls: self.tls.clone(),
+            // The link's settings at the time of the download, so that a renewed `online`
+            // certificate is used from then on.
+            tls: self.link.client_tls(),
             expected_size: (info.size > 0).then_some(info.size),
             connect_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),

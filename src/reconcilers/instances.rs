@@ -6,8 +6,8 @@
 
 use super::placement::{self, InstanceRequest, NodeBudget};
 use crate::model::*;
-use std::borrow::Cow;
 use foldhash::HashMap;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// An instance the desired state asks for, with what placement needs to know about it.

@@ -169,7 +169,6 @@ impl SimUnit {
                 link: handle.clone(),
                 install_path: c.install_path,
                 download_path,
-                tls: None,
                 roots_pem: Vec::new(),
                 alerts: Some(alerts_tx),
                 limits: Default::default(),

@@ -192,6 +192,8 @@ enum Cmd {
 struct Shared {
     counters: watch::Sender<LinkCounters>,
     blob_waiters: Mutex<BlobWaiters>,
+    /// The TLS settings in force: the configured ones, then the last `reconnect_with`.
+    tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
 }
 
 impl Shared {
@@ -224,6 +226,7 @@ impl CloudLink {
         let shared = Arc::new(Shared {
             counters: watch::Sender::new(LinkCounters::default()),
             blob_waiters: Mutex::new(BlobWaiters::default()),
+            tls: Mutex::new(config.tls.clone()),
         });
         let handle = LinkHandle {
             cmds: cmd_tx,
@@ -304,11 +307,27 @@ impl LinkHandle {
     }
 
     /// Connects again with `tls` (a renewed `online` certificate): the open session, if any, is
-    /// closed, discovery runs again, and queued messages are kept.
+    /// closed, discovery runs again, and queued messages are kept. [`LinkHandle::client_tls`]
+    /// gives the new settings at once.
     pub fn reconnect_with(&self, tls: Option<Arc<rustls::ClientConfig>>) -> Result<(), LinkError> {
+        *self
+            .shared
+            .tls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = tls.clone();
         self.cmds
             .send(Cmd::Reconnect { tls })
             .map_err(|_| LinkError::Stopped)
+    }
+
+    /// The TLS client settings the link uses now (with the unit's current `online`
+    /// certificate), for other HTTPS requests made on the unit's behalf such as blob downloads.
+    pub fn client_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.shared
+            .tls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Asks the cloud for download information of `digests` and waits for the `blobUrls` with
