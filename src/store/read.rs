@@ -64,6 +64,9 @@ impl Stale {
     }
 }
 
+/// A key looked up, and its record if there is one.
+type Found<'k> = (&'k String, Option<Vec<u8>>);
+
 #[derive(Clone, Copy)]
 pub(crate) enum Source<'a> {
     Read(&'a ReadTransaction),
@@ -100,6 +103,33 @@ impl Source<'_> {
                 Err(e) => Err(e.into()),
             },
             Source::Write(txn) => all_of(&txn.open_table(def(table))?),
+        }
+    }
+
+    /// The records of `keys` (`None` for a key that is not there), from one opening of the
+    /// table.
+    fn some<'k>(
+        &self,
+        table: &'static str,
+        keys: impl IntoIterator<Item = &'k String>,
+    ) -> Result<Vec<Found<'k>>, StoreError> {
+        fn each<'k, T: ReadableTable<&'static str, &'static [u8]>>(
+            table: &T,
+            keys: impl IntoIterator<Item = &'k String>,
+        ) -> Result<Vec<Found<'k>>, StoreError> {
+            keys.into_iter()
+                .map(|k| Ok((k, one_of(table, k)?)))
+                .collect()
+        }
+        match self {
+            Source::Read(txn) => match txn.open_table(def(table)) {
+                Ok(tbl) => each(&tbl, keys),
+                Err(TableError::TableDoesNotExist(_)) => {
+                    Ok(keys.into_iter().map(|k| (k, None)).collect())
+                }
+                Err(e) => Err(e.into()),
+            },
+            Source::Write(txn) => each(&txn.open_table(def(table))?, keys),
         }
     }
 
@@ -459,10 +489,11 @@ impl Reader<'_> {
         map: &mut BTreeMap<InstanceIdent, T>,
         identity: impl Fn(&T) -> String,
     ) -> Result<(), StoreError> {
-        for key in keys {
+        for (key, bytes) in self.src.some(table, keys)? {
             let ident = parse_ident_key(table, key)?;
-            match self.get::<T>(table, key)? {
-                Some(value) => {
+            match bytes {
+                Some(bytes) => {
+                    let value: T = decode(table, key, &bytes)?;
                     check_identity(table, &keys::ident(&ident), &identity(&value))?;
                     map.insert(ident, value);
                 }
