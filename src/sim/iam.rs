@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use base64::Engine as _;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -689,7 +689,7 @@ impl SimIam {
             .add_service(IamCertificateServiceServer::new(svc));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            crate::api::grpc_incoming(listener),
             async move {
                 let _ = stopped.await;
             },

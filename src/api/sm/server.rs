@@ -5,7 +5,6 @@
 
 use super::SmController;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 /// PEM material for mTLS.
@@ -38,7 +37,7 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(resource_exhausted))
         .add_service(sm.service())
         .add_optional_service(network.map(|n| n.service()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::api::grpc_incoming(listener), shutdown)
         .await
 }
 
