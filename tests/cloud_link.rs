@@ -734,30 +734,15 @@ async fn mtls_blob_server(
     ca_pem: &str,
     body: Vec<u8>,
 ) -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
+    let config = ServerTls {
+        cert_chain_pem: server.0.into_bytes(),
+        key_pem: server.1.into_bytes(),
+        client_ca_pem: Some(ca_pem.as_bytes().to_vec()),
+    }
+    .rustls_config()
     .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![CertificateDer::from_pem_slice(server.0.as_bytes()).unwrap()],
-            PrivateKeyDer::from_pem_slice(server.1.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(
         "https://127.0.0.1:{}/blob",

@@ -168,6 +168,14 @@ impl Drop for SimCloud {
     }
 }
 
+impl ServerTls {
+    /// The rustls server configuration: this certificate, and client certificates required
+    /// and verified against `client_ca_pem` when it is set. Also for tests' own TLS servers.
+    pub fn rustls_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        server_tls(self)
+    }
+}
+
 fn server_tls(tls: &ServerTls) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
