@@ -45,7 +45,8 @@ pub struct LinkConfig {
     pub system_id: String,
     /// The discovery URL (see `discovery::discovery_url`).
     pub discovery_url: String,
-    /// TLS for `https`/`wss` URLs: CA roots and the `online` client certificate.
+    /// TLS for `https`/`wss` URLs: CA roots and the `online` client certificate, until
+    /// [`LinkHandle::reconnect_with`] gives new ones.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// `cloudResponseWaitTimeout`: ACK deadline and `blobUrls` wait.
     pub response_wait: Duration,
@@ -183,20 +184,27 @@ enum Cmd {
     Withdraw {
         txn: String,
     },
-    /// New TLS settings (a renewed `online` certificate): drop the session and connect again.
-    Reconnect {
-        tls: Option<Arc<rustls::ClientConfig>>,
-    },
+    /// New TLS settings, already in `Shared::tls` (a renewed `online` certificate): drop the
+    /// session and connect again.
+    Reconnect,
 }
 
 struct Shared {
     counters: watch::Sender<LinkCounters>,
     blob_waiters: Mutex<BlobWaiters>,
-    /// The TLS settings in force: the configured ones, then the last `reconnect_with`.
+    /// The TLS settings in force: the configured ones, then the last `reconnect_with`. The
+    /// link connects with these, and the fetcher downloads with them.
     tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
 }
 
 impl Shared {
+    fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn count(&self, f: impl FnOnce(&mut LinkCounters)) {
         self.counters.send_modify(f);
     }
@@ -314,20 +322,16 @@ impl LinkHandle {
             .shared
             .tls
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = tls.clone();
+            .unwrap_or_else(PoisonError::into_inner) = tls;
         self.cmds
-            .send(Cmd::Reconnect { tls })
+            .send(Cmd::Reconnect)
             .map_err(|_| LinkError::Stopped)
     }
 
     /// The TLS client settings the link uses now (with the unit's current `online`
     /// certificate), for other HTTPS requests made on the unit's behalf such as blob downloads.
     pub fn client_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
-        self.shared
-            .tls
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.tls()
     }
 
     /// Asks the cloud for download information of `digests` and waits for the `blobUrls` with
@@ -550,10 +554,9 @@ impl LinkRunner {
         self.shared.publish_outbox(&self.outbox);
     }
 
-    /// Takes new TLS settings; the endpoints learned with the old identity are dropped, so the
+    /// After new TLS settings: the endpoints learned with the old identity are dropped, so the
     /// next attempt starts with service discovery.
-    fn renew(&mut self, r: Reconnect) {
-        self.config.tls = r.tls;
+    fn renew(&mut self, _: Reconnect) {
         self.endpoints = Endpoints::new();
         self.shared.count(|c| c.renewals += 1);
     }
@@ -808,16 +811,14 @@ fn handle_cmd(outbox: &mut Outbox, cmd: Cmd, shared: &Shared) -> Option<Reconnec
         Cmd::Withdraw { txn } => {
             outbox.remove(&txn);
         }
-        Cmd::Reconnect { tls } => return Some(Reconnect { tls }),
+        Cmd::Reconnect => return Some(Reconnect),
     }
     shared.publish_outbox(outbox);
     None
 }
 
-/// New TLS settings to connect with.
-struct Reconnect {
-    tls: Option<Arc<rustls::ClientConfig>>,
-}
+/// New TLS settings to connect with (in `Shared::tls`).
+struct Reconnect;
 
 /// One connection attempt: discovery when no endpoint is cached, then the upgrade to the next
 /// cached URL.
@@ -826,11 +827,12 @@ async fn connect(
     endpoints: &mut Endpoints,
     shared: &Shared,
 ) -> Result<Ws, ConnectError> {
+    let tls = shared.tls();
     if endpoints.is_empty() {
         match transport::discover(
             &config.discovery_url,
             &config.system_id,
-            config.tls.as_ref(),
+            tls.as_ref(),
             config.connect_timeout,
         )
         .await
@@ -856,7 +858,7 @@ async fn connect(
         match transport::connect_ws(
             &url,
             &token,
-            config.tls.as_ref(),
+            tls.as_ref(),
             config.max_message_size,
             config.connect_timeout,
         )
