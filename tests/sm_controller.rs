@@ -495,3 +495,47 @@ async fn concurrent_status_lists_of_many_nodes_are_all_recorded() {
     drop(sims);
     unit.stop().await;
 }
+
+/// After a restart the controller knows nothing of what a node reported before: a node's first
+/// full status list is checked against the stored records, and the ones of that node it no
+/// longer lists are dropped; other nodes' records stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_first_full_list_drops_its_stored_records_it_no_longer_lists() {
+    let unit = Unit::start(&example("fresh-install"), SmConfig::default(), None).await;
+    let ghost = |node: &str, n: u64| ReportedInstance {
+        ident: InstanceIdent::new("ghost", "subject", n),
+        node_id: node.into(),
+        runtime_id: "runc".into(),
+        version: "1.0.0".into(),
+        state: InstanceState::Active,
+        error: None,
+        preinstalled: false,
+    };
+    // What the nodes reported before the restart.
+    let before = [
+        ghost("secondary-1", 0),
+        ghost("secondary-1", 1),
+        ghost("main", 2),
+    ];
+    unit.store
+        .write_observed(|tx| {
+            for r in &before {
+                tx.put_reported_instance(r)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let _s1 = unit.sim("secondary-1", SimOptions::default()).await;
+    let snap = unit
+        .wait_for("secondary-1's old records dropped", 30, |s| {
+            !s.observed
+                .instances
+                .values()
+                .any(|r| r.ident.item_id == "ghost" && r.node_id == "secondary-1")
+        })
+        .await;
+    assert_eq!(
+        snap.observed.instances.get(&before[2].ident),
+        Some(&before[2])
+    );
+}

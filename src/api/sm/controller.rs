@@ -665,22 +665,34 @@ impl SmController {
         // unknown node's next full list is checked against the whole table).
         let mut known = lock(&self.inner.reported);
         let result = self.inner.store.write_observed(|tx| {
+            // A node's first full list is checked against the whole table: read it once for
+            // every such node of the group (at a reconnect, all of them), before any list is
+            // applied, so that the lists below keep those sets up like the others.
+            let unknown: BTreeSet<&str> = lists
+                .iter()
+                .filter(|l| l.full && !known.contains_key(&l.node))
+                .map(|l| l.node.as_str())
+                .collect();
+            if !unknown.is_empty() {
+                for (ident, r) in tx.reported_instances()? {
+                    if unknown.contains(r.node_id.as_str()) {
+                        known.entry(r.node_id).or_default().insert(ident);
+                    }
+                }
+                for node in unknown {
+                    known.entry(node.to_owned()).or_default();
+                }
+            }
             for l in lists {
                 let node = l.node.as_str();
                 if l.full {
                     let listed: BTreeSet<InstanceIdent> =
                         l.reported.iter().map(|r| r.ident.clone()).collect();
-                    // Records of this node the new list leaves out: from what this controller
-                    // wrote, or from the whole table the first time.
-                    let gone: Vec<InstanceIdent> = match known.get(node) {
-                        Some(set) => set.difference(&listed).cloned().collect(),
-                        None => tx
-                            .reported_instances()?
-                            .into_iter()
-                            .filter(|(ident, r)| r.node_id == node && !listed.contains(ident))
-                            .map(|(ident, _)| ident)
-                            .collect(),
-                    };
+                    // Records of this node the new list leaves out.
+                    let gone: Vec<InstanceIdent> = known
+                        .get(node)
+                        .map(|set| set.difference(&listed).cloned().collect())
+                        .unwrap_or_default();
                     for ident in gone {
                         // It may have moved to another node meanwhile; that record stays.
                         if tx
