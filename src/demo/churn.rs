@@ -12,7 +12,6 @@
 
 use super::{DemoError, connect_sm, setup};
 use crate::daemon::Daemon;
-use crate::model::Snapshot;
 use crate::sim::cloud::SimCloud;
 use crate::sim::sm::SimSm;
 use crate::sim::unit;
@@ -93,7 +92,6 @@ pub async fn run(
     );
     let started = Instant::now();
     let mut tally = Tally::default();
-    let mut changes = daemon.store.subscribe();
     let mut n = 0u64;
     while started.elapsed() < churn.run_for {
         n += 1;
@@ -122,14 +120,7 @@ pub async fn run(
         let data = variant(base, n);
         let correlation = format!("churn-{n}");
         let sent = send_when_connected(cloud, data, deadline).await;
-        let done = sent
-            && wait_store(daemon, &mut changes, deadline, |snap| {
-                snap.desired
-                    .as_ref()
-                    .is_some_and(|d| d.correlation_id.as_deref() == Some(correlation.as_str()))
-                    && unit::converged(snap)
-            })
-            .await?;
+        let done = sent && converged_on(daemon, &correlation, deadline).await?;
         let took = period_start.elapsed();
         tally.periods += 1;
         let outcome = if done {
@@ -190,27 +181,26 @@ async fn send_when_connected(
         && cloud.send_data(data).is_some()
 }
 
-/// Waits until `pred` holds for the store's snapshot; false at `deadline`.
-async fn wait_store(
+/// Waits until the unit has converged on the desired state with `correlation`; false at
+/// `deadline`.
+async fn converged_on(
     daemon: &Daemon,
-    changes: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<&'static str>>,
+    correlation: &str,
     deadline: tokio::time::Instant,
-    pred: impl Fn(&Snapshot) -> bool,
 ) -> Result<bool, DemoError> {
-    loop {
-        // Earlier notifications are stale: the snapshot read next covers them.
-        while changes.try_recv().is_ok() {}
-        let snap = daemon
-            .store
-            .snapshot()
-            .map_err(setup("reading the store"))?;
-        if pred(&snap) {
-            return Ok(true);
-        }
-        match tokio::time::timeout_at(deadline, changes.recv()).await {
-            Ok(Some(_)) => {}
-            _ => return Ok(false),
-        }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let waited = unit::wait_for(&daemon.store, left, |snap| {
+        snap.desired
+            .as_ref()
+            .is_some_and(|d| d.correlation_id.as_deref() == Some(correlation))
+            && unit::converged(snap)
+    })
+    .await;
+    match waited {
+        Ok(_) => Ok(true),
+        Err(unit::SimUnitError::Store(e)) => Err(setup("reading the store")(e)),
+        // Out of time.
+        Err(_) => Ok(false),
     }
 }
 

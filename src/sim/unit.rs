@@ -416,9 +416,10 @@ pub async fn wait_for(
     let mut changes = store.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let snap = store.snapshot()?;
+        // Shared while it is only looked at; copied only for the caller.
+        let snap = store.shared_snapshot()?;
         if cond(&snap) {
-            return Ok(snap);
+            return Ok(std::sync::Arc::unwrap_or_clone(snap));
         }
         match tokio::time::timeout_at(deadline, changes.recv()).await {
             Ok(Some(_)) => {}
