@@ -7,6 +7,7 @@ link retries in the background), the SM server listens on 127.0.0.1:0.
 
     python3 benches/footprint.py            # builds the release binary first
     RUNS=9 python3 benches/footprint.py     # more runs per row (median reported)
+    AOS_CM_BIN=/path/to/aos-cm python3 benches/footprint.py   # measure that binary, no build
 """
 
 import json
@@ -19,7 +20,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), os.environ.get("PROFILE_DIR", "release"), "aos-cm")
+BIN = os.environ.get("AOS_CM_BIN") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"),
+    os.environ.get("PROFILE_DIR", "release"),
+    "aos-cm",
+)
 RUNS = int(os.environ.get("RUNS", "5"))
 
 
@@ -83,7 +88,8 @@ def row(name, cfg):
 
 
 def main():
-    subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
+    if not os.environ.get("AOS_CM_BIN"):
+        subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
     size = os.path.getsize(BIN)
     print(f"| stripped binary | {size / 1048576:.1f} MiB ({size} bytes) | | |")
     with tempfile.TemporaryDirectory() as tmp:
