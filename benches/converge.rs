@@ -33,10 +33,8 @@ fn main() {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .init();
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = // The daemon's runtime (its blocking pool bounded as in `aos-cm run`).
+    aos_cm::runtime::build().expect("runtime");
     // AOS_BENCH_ONLY=large runs the 100-node case once (for profiling).
     let cases: Vec<(usize, usize, usize, usize)> = match std::env::var("AOS_BENCH_ONLY").as_deref()
     {

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod reconcilers;
 pub mod render;
+pub mod runtime;
 pub mod scenario;
 pub mod sim;
 pub mod status;

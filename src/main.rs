@@ -251,10 +251,7 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_INVALID));
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = aos_cm::runtime::build().context("starting the async runtime")?;
     runtime.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -312,10 +309,7 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 fn demo(opts: aos_cm::demo::DemoOptions) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = aos_cm::runtime::build().context("starting the async runtime")?;
     let mut out = std::io::stdout();
     match runtime.block_on(aos_cm::demo::run(opts, &mut out)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
