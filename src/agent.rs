@@ -133,6 +133,9 @@ pub struct CloudAgent<I: Iam> {
     local_alerts: Mutex<Vec<(Option<serde_json::Value>, messages::AlertItem)>>,
     /// Instance state sync with the cloud, when the unit keeps states.
     storage: Option<Arc<StorageState>>,
+    /// An instance's state checksum changed (sent, written or set up): the status loop sends
+    /// a delta, as it does for a store change.
+    checksum_changed: tokio::sync::Notify,
 }
 
 /// How often instance state files are checked for local changes.
@@ -169,6 +172,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
             run_pending: Mutex::new(true),
             local_alerts: Mutex::new(Vec::new()),
             storage: None,
+            checksum_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -287,11 +291,19 @@ impl<I: Iam + 'static> CloudAgent<I> {
         }
     }
 
-    fn full_status(&self) -> Option<messages::UnitStatus> {
+    async fn full_status(&self) -> Option<messages::UnitStatus> {
         match self.store.shared_snapshot() {
             Ok(snap) => {
                 let conditions = self.store.conditions().unwrap_or_default();
-                Some(unitstatus::full_status_of(&snap, &conditions))
+                let mut status = unitstatus::full_status_of(&snap, &conditions);
+                if let Some(storage) = &self.storage {
+                    let sums = storage.checksums().await;
+                    unitstatus::set_state_checksums(&mut status, |item, subject, instance| {
+                        sums.get(&InstanceKey::new(item, subject, instance))
+                            .cloned()
+                    });
+                }
+                Some(status)
             }
             Err(e) => {
                 self.count(|c| c.store_errors += 1);
@@ -315,7 +327,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
 
     /// Sends a full status; `run_done` when it reports the end of an update run.
     async fn send_full(&self, run_done: bool) -> Option<messages::UnitStatus> {
-        let full = self.full_status()?;
+        let full = self.full_status().await?;
         if run_done {
             *self
                 .run_pending
@@ -357,13 +369,16 @@ impl<I: Iam + 'static> CloudAgent<I> {
                         due = Some(tokio::time::Instant::now() + self.config.borrow().unit_status_send_timeout);
                     }
                 }
+                () = self.checksum_changed.notified() => if sent.is_some() {
+                    due = Some(tokio::time::Instant::now() + self.config.borrow().unit_status_send_timeout);
+                },
                 _ = sleep_until(due), if due.is_some() => {
                     due = None;
                     if self.update_run_finished() {
                         sent = self.send_full(true).await;
                         continue;
                     }
-                    let (Some(last), Some(now)) = (sent.as_ref(), self.full_status()) else { continue };
+                    let (Some(last), Some(now)) = (sent.as_ref(), self.full_status().await) else { continue };
                     if let Some(d) = unitstatus::delta(last, &now) {
                         self.send(Message::UnitStatus(d)).await;
                         self.count(|c| c.delta_statuses += 1);
@@ -492,6 +507,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
                         match storage.setup(key, *quota).await {
                             Ok(_) => {
                                 known.insert(key.clone());
+                                self.checksum_changed.notify_one();
                             }
                             Err(e) => tracing::warn!("instance state {key}: {e}"),
                         }
@@ -513,6 +529,7 @@ impl<I: Iam + 'static> CloudAgent<I> {
             for new_state in storage.poll_changes().await {
                 self.send(Message::NewState(new_state)).await;
                 self.count(|c| c.new_states += 1);
+                self.checksum_changed.notify_one();
             }
         }
     }
@@ -695,7 +712,10 @@ impl<I: Iam + 'static> CloudInbox for CloudAgent<I> {
             }
             Message::UpdateState(update) => match &self.storage {
                 Some(storage) => match storage.update_state(&update).await {
-                    Ok(()) => self.count(|c| c.states_updated += 1),
+                    Ok(()) => {
+                        self.count(|c| c.states_updated += 1);
+                        self.checksum_changed.notify_one();
+                    }
                     Err(e) => tracing::warn!("cloud agent: updateState not applied: {e}"),
                 },
                 None => {
@@ -705,8 +725,11 @@ impl<I: Iam + 'static> CloudInbox for CloudAgent<I> {
             },
             Message::StateAcceptance(acceptance) => match &self.storage {
                 Some(storage) => match storage.accept_state(&acceptance).await {
-                    Ok(Some(request)) => self.send(Message::StateRequest(request)).await,
-                    Ok(None) => {}
+                    Ok(Some(request)) => {
+                        self.send(Message::StateRequest(request)).await;
+                        self.checksum_changed.notify_one();
+                    }
+                    Ok(None) => self.checksum_changed.notify_one(),
                     Err(e) => tracing::warn!("cloud agent: stateAcceptance: {e}"),
                 },
                 None => {

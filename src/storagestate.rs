@@ -547,6 +547,19 @@ impl StorageState {
         entry.known.clone().or_else(|| entry.accepted.clone())
     }
 
+    /// [`StorageState::checksum`] of every instance that has one, read at once.
+    pub async fn checksums(&self) -> BTreeMap<InstanceKey, String> {
+        let inner = self.inner.lock().await;
+        inner
+            .entries
+            .iter()
+            .filter_map(|(key, entry)| {
+                let sum = entry.known.as_ref().or(entry.accepted.as_ref())?;
+                Some((key.clone(), sum.clone()))
+            })
+            .collect()
+    }
+
     /// Accepted checksum of the instance, `None` when the cloud never accepted or wrote one.
     pub async fn accepted_checksum(&self, key: &InstanceKey) -> Option<String> {
         let inner = self.inner.lock().await;

@@ -586,6 +586,29 @@ async fn instance_state_is_requested_updated_and_reported() {
     cloud.wait_for(|f| acked(f, &txn).then_some(())).await;
     agent.wait_counters(|c| c.states_updated == 1).await;
     assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
+    // The unit status carries the checksum of the state it now holds.
+    let reported = |sum: String| {
+        let (item, subject) = (item.clone(), subject.clone());
+        move |frames: &[Frame]| {
+            frames
+                .iter()
+                .filter(|f| f.from_unit && f.message_type().as_deref() == Some("unitStatus"))
+                .filter_map(Frame::json)
+                .flat_map(|v| {
+                    v["data"]["instances"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter(|g| g["item"]["id"] == json!(item) && g["subject"]["id"] == json!(subject))
+                .flat_map(|g| g["instances"].as_array().cloned().unwrap_or_default())
+                .any(|i| i["instance"] == json!(instance) && i["stateChecksum"] == json!(sum))
+                .then_some(())
+        }
+    };
+    cloud
+        .wait_for(reported(sha3_224_hex(content.as_bytes())))
+        .await;
     // The instance changes its state: the unit sends it, with its checksum.
     let changed = "counter=42\n";
     // Written whole (a new file renamed over the old): the unit reads the file on a blocking
@@ -621,6 +644,9 @@ async fn instance_state_is_requested_updated_and_reported() {
         json!(sha3_224_hex(changed.as_bytes()))
     );
     assert!(agent.counters().new_states >= 1);
+    cloud
+        .wait_for(reported(sha3_224_hex(changed.as_bytes())))
+        .await;
     // The cloud rejects it: the unit asks for the state again.
     let before = cloud.from_unit("stateRequest").len();
     cloud

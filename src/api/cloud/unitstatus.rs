@@ -296,6 +296,24 @@ pub fn full_status_of(snap: &Snapshot, conditions: &BTreeMap<String, Condition>)
     status
 }
 
+/// Fills `stateChecksum` of every reported instance that `checksum(item ID, subject ID,
+/// instance)` knows one for: the checksum of its state as the unit last knew it (accepted by
+/// the cloud, written by it, or sent as `newState`). Others keep none.
+pub fn set_state_checksums(
+    status: &mut UnitStatus,
+    checksum: impl Fn(&str, &str, u64) -> Option<String>,
+) {
+    for group in status.instances.iter_mut().flatten() {
+        let (Some(item), Some(subject)) = (group.item.id.as_deref(), group.subject.id.as_deref())
+        else {
+            continue;
+        };
+        for inst in &mut group.instances {
+            inst.state_checksum = checksum(item, subject, inst.instance);
+        }
+    }
+}
+
 /// The message of a failed action's condition without the runner's framing
 /// (`<reconciler>: <error> (attempt <n>)`), so that a retry does not change the status.
 fn failure_message(c: &Condition) -> String {
@@ -503,6 +521,59 @@ mod tests {
             s["subjects"],
             json!([{"codename": "d3f7a1c9-8b26-4e5d-9f40-1a6e2c8b5d73"}])
         );
+    }
+
+    #[test]
+    fn state_checksums_go_to_the_instances_of_cloud_items_only() {
+        let instance = |n: u64| InstanceStatus {
+            instance: n,
+            ..InstanceStatus::default()
+        };
+        let group = |item: Identity, subject: Identity, n: u64| InstancesStatus {
+            item,
+            subject,
+            version: "1.0.0".into(),
+            instances: (0..n).map(instance).collect(),
+        };
+        let mut status = UnitStatus {
+            instances: Some(vec![
+                group(Identity::with_id("svc"), Identity::with_id("subj"), 2),
+                group(Identity::with_id("other"), Identity::with_id("subj"), 1),
+                // A preinstalled component's group is named by codename: it keeps no state.
+                group(
+                    Identity::with_codename("boot"),
+                    Identity::with_codename(""),
+                    1,
+                ),
+            ]),
+            ..full_status(&example())
+        };
+        // One instance has a known state: only it gets the field.
+        set_state_checksums(&mut status, |i, s, n| {
+            (i == "svc" && s == "subj" && n == 1).then(|| "ab12".to_owned())
+        });
+        assert_eq!(
+            serde_json::to_value(&status).unwrap()["instances"],
+            json!([
+                {"item": {"id": "svc"}, "subject": {"id": "subj"}, "version": "1.0.0", "instances": [
+                    {"node": {}, "runtime": {}, "instance": 0, "state": "activating"},
+                    {"node": {}, "runtime": {}, "instance": 1, "stateChecksum": "ab12", "state": "activating"}]},
+                {"item": {"id": "other"}, "subject": {"id": "subj"}, "version": "1.0.0", "instances": [
+                    {"node": {}, "runtime": {}, "instance": 0, "state": "activating"}]},
+                {"item": {"codename": "boot"}, "subject": {"codename": ""}, "version": "1.0.0", "instances": [
+                    {"node": {}, "runtime": {}, "instance": 0, "state": "activating"}]}
+            ])
+        );
+        // Asked for every instance: the component's still gets none.
+        set_state_checksums(&mut status, |_, _, _| Some("cd34".to_owned()));
+        let sums: Vec<Option<&str>> = status
+            .instances
+            .iter()
+            .flatten()
+            .flat_map(|g| &g.instances)
+            .map(|i| i.state_checksum.as_deref())
+            .collect();
+        assert_eq!(sums, [Some("cd34"), Some("cd34"), Some("cd34"), None]);
     }
 
     #[test]
