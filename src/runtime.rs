@@ -9,8 +9,8 @@
 //! file operations at once, so the pool grew to 16–18 threads in the one-second churn, and
 //! glibc gives every thread its own malloc arena (up to 8 per core). Each arena keeps the
 //! memory freed in it, so the RSS grew with the number of arenas touched: in the one-second
-//! churn 29.0 → 30.9 MiB over 13 minutes, still climbing, while the live heap (heaptrack) stayed
-//! at 1.5 MiB. With the pool bounded at two threads the same churn holds 21.0–21.1 MiB from the
+//! churn 28.3 → 30.3 MiB over 14 minutes, still climbing, while the live heap (heaptrack) stayed
+//! at 1.5 MiB. With the pool bounded at two threads the same churn holds 20.5–20.7 MiB from the
 //! third minute on (benches/README.md, "Soak"). No blocking task here waits for another one, so
 //! a small pool queues work but cannot deadlock; the long tasks (verification) are CPU work that
 //! would not finish sooner on more threads than cores.

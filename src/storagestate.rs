@@ -213,6 +213,11 @@ impl Entry {
     fn limit(&self) -> u64 {
         self.state_quota.min(MAX_STATE_SIZE)
     }
+
+    /// The checksum the unit last knew, else the accepted one.
+    fn checksum(&self) -> Option<&String> {
+        self.known.as_ref().or(self.accepted.as_ref())
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -543,8 +548,7 @@ impl StorageState {
     /// known one (accepted, written by the cloud or sent and pending), `None` when unknown.
     pub async fn checksum(&self, key: &InstanceKey) -> Option<String> {
         let inner = self.inner.lock().await;
-        let entry = inner.entries.get(key)?;
-        entry.known.clone().or_else(|| entry.accepted.clone())
+        inner.entries.get(key)?.checksum().cloned()
     }
 
     /// [`StorageState::checksum`] of every instance that has one, read at once.
@@ -553,10 +557,7 @@ impl StorageState {
         inner
             .entries
             .iter()
-            .filter_map(|(key, entry)| {
-                let sum = entry.known.as_ref().or(entry.accepted.as_ref())?;
-                Some((key.clone(), sum.clone()))
-            })
+            .filter_map(|(key, entry)| Some((key.clone(), entry.checksum()?.clone())))
             .collect()
     }
 
