@@ -385,16 +385,40 @@ pub fn status(snap: &Snapshot, kind: UpdateKind, now: UnixMillis) -> UpdateStatu
         return st;
     }
     fill_lists(snap, desired, kind, &mut st);
+    let open = gate(snap, kind, now) == Gate::Open;
     st.state = if downloads_pending(snap, desired, kind) {
         UpdateState::Downloading
-    } else if !changes_pending(snap, kind, now) {
+    } else if !changes_pending(snap, kind, now) && (open || !unplaced(snap, desired, kind)) {
         UpdateState::NoUpdate
-    } else if gate(snap, kind, now) == Gate::Open {
+    } else if open {
         UpdateState::Updating
     } else {
         UpdateState::ReadyToUpdate
     };
     st
+}
+
+/// Whether an instance the desired state asks for has no placement yet. Before the update is
+/// started, such an instance makes it an update even when no node can take it now (with no
+/// node connected the planner has nothing to do): otherwise the update would count as done,
+/// the gate would open, and the instances would start without a start or a slot once nodes
+/// came back. After the start, an instance that cannot be placed fails, as upstream reports
+/// it, and the update ends.
+fn unplaced(snap: &Snapshot, desired: &DesiredState, kind: UpdateKind) -> bool {
+    desired
+        .instances
+        .iter()
+        .filter(|r| kind_of_item_id(snap, &r.item_id) == kind)
+        .any(|r| {
+            (0..r.num_instances).any(|instance| {
+                let ident = InstanceIdent {
+                    item_id: r.item_id.clone(),
+                    subject_id: r.subject_id.clone(),
+                    instance,
+                };
+                !snap.allocations.instances.contains_key(&ident)
+            })
+        })
 }
 
 #[cfg(test)]

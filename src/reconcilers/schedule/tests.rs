@@ -200,3 +200,41 @@ fn activation_overdue_after_ten_minutes_without_change() {
         None
     );
 }
+
+/// A new instance asked for while no node is connected: the planner has nothing to do, but the
+/// update is not done (the scheduler would record it done, and that opens the gate: the
+/// instance would start without a start once a node is back). It waits for its start.
+#[test]
+fn an_update_that_no_node_can_take_now_still_waits_for_its_start() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/desired-states/scale-up-down");
+    let mut s = crate::scenario::load(&dir).expect("scenario").snapshot;
+    s.settings.update_schedules.sota.policy = UpdatePolicy::Trigger;
+    assert_eq!(
+        status(&s, UpdateKind::Sota, 0).state,
+        UpdateState::ReadyToUpdate
+    );
+    for n in s.observed.nodes.values_mut() {
+        n.connection = Connection::Lost { since: 0 };
+    }
+    let now = 10_000_000_000;
+    let plan = plan_one(ReconcilerKind::Instances, &s, now);
+    assert!(
+        plan.actions
+            .iter()
+            .all(|a| action_kind(a, &s) != Some(UpdateKind::Sota)),
+        "{:?}",
+        plan.actions
+    );
+    assert!(plan.conditions.iter().any(|c| c.reason == "NoNodes"));
+    assert_eq!(
+        status(&s, UpdateKind::Sota, now).state,
+        UpdateState::ReadyToUpdate
+    );
+    // Started while no node can take it: the update runs, finds nothing to do, and ends.
+    approve(&mut s, UpdateKind::Sota);
+    assert_eq!(
+        status(&s, UpdateKind::Sota, now).state,
+        UpdateState::NoUpdate
+    );
+}
