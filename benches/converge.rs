@@ -33,8 +33,8 @@ fn main() {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .init();
     }
-    let rt = // The daemon's runtime (its blocking pool bounded as in `aos-cm run`).
-    aos_cm::runtime::build().expect("runtime");
+    // The daemon's runtime (its blocking pool bounded as in `aos-cm run`).
+    let rt = aos_cm::runtime::build().expect("runtime");
     // AOS_BENCH_ONLY=large runs the 100-node case once (for profiling).
     let cases: Vec<(usize, usize, usize, usize)> = match std::env::var("AOS_BENCH_ONLY").as_deref()
     {

@@ -57,8 +57,8 @@ fn main() {
         std::fs::write(dir.path().join("blobs/sha256").join(&sha256), &content).expect("write");
         (sha3, sha256.clone(), sha256)
     };
-    let runtime = // The daemon's runtime (its blocking pool bounded as in `aos-cm run`).
-    aos_cm::runtime::build().expect("runtime");
+    // The daemon's runtime (its blocking pool bounded as in `aos-cm run`).
+    let runtime = aos_cm::runtime::build().expect("runtime");
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

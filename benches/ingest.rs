@@ -36,8 +36,8 @@ async fn round(unit: &SimUnit, sims: &[SimSm], batch: usize, note: Option<&str>)
 }
 
 fn main() {
-    let rt = // The daemon's runtime (its blocking pool bounded as in `aos-cm run`).
-    aos_cm::runtime::build().expect("runtime");
+    // The daemon's runtime (its blocking pool bounded as in `aos-cm run`).
+    let rt = aos_cm::runtime::build().expect("runtime");
     let dir = std::env::temp_dir().join(format!("aos-cm-bench-ingest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
