@@ -339,6 +339,11 @@ impl<I: Iam + 'static> CloudAgent<I> {
         Some(full)
     }
 
+    /// When a status change seen now is sent: every change restarts the timer.
+    fn debounced(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.config.borrow().unit_status_send_timeout
+    }
+
     async fn status_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut link = self.link.state();
         let mut changes = self.store.subscribe();
@@ -366,11 +371,11 @@ impl<I: Iam + 'static> CloudAgent<I> {
                     }
                     if sent.is_some() {
                         // Debounce: every change restarts the timer.
-                        due = Some(tokio::time::Instant::now() + self.config.borrow().unit_status_send_timeout);
+                        due = Some(self.debounced());
                     }
                 }
                 () = self.checksum_changed.notified() => if sent.is_some() {
-                    due = Some(tokio::time::Instant::now() + self.config.borrow().unit_status_send_timeout);
+                    due = Some(self.debounced());
                 },
                 _ = sleep_until(due), if due.is_some() => {
                     due = None;
